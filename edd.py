@@ -1,0 +1,1555 @@
+#!/usr/bin/env python3
+"""edd: push a container image to this host over mutual TLS, and run it.
+
+    docker save website:latest | curl --cacert ca.crt --cert client.crt --key client.key \\
+        -X POST -H "Content-Type:application/x-tar" -T - \\
+        https://host:8866/v1/deployments/website/load
+
+The upload streams into `docker load`; edd then swaps the deployment's container
+for one running the new image, with the `docker run` options fixed in the host's
+config. Promise: after a push, the new image runs and passed its health gate, or
+the previous container runs exactly as it did before, and the client is told which.
+
+API (JSON in and out; errors are {"error": "..."}):
+    GET        /v1/deployments                     the deployments this client may use
+    GET        /v1/deployments/NAME                one deployment's state
+    POST|PUT   /v1/deployments/NAME/load           body: docker save archive (.tar, .tar.gz)
+    POST       /v1/deployments/NAME/start|stop|restart|rollback
+    DELETE     /v1/deployments/NAME                stop and remove the container
+    GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text)
+    GET        /v1/health                          edd and docker are answering
+    GET        /metrics                            Prometheus text format
+    /v1/NAME/ACTION is accepted as an alias of /v1/deployments/NAME/ACTION.
+
+Threat model: mutual TLS proves that a client holds a key certified by client_ca;
+`clients` and `admins` narrow which deployments each identity may touch. A client
+chooses only the image: what the container may do is fixed by the host's config.
+An image is code: whoever may push to a deployment runs code with its `args`.
+
+Supports CPython 3.8 and newer; standard library only.
+"""
+
+import argparse
+import bisect
+import dataclasses
+import datetime
+import fcntl
+import http.client
+import http.server
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+__version__ = "0.1.0"
+
+DEFAULT_CONFIG = "/etc/edd/config.json"
+BUFFER_SIZE = 1 << 20          # bytes moved from the socket to `docker load` at a time
+PIPE_SIZE = 1 << 20            # asked of the kernel for the pipe into `docker load`
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Python < 3.10 lacks the name
+MAX_CHUNK_LINE = 1024          # a chunk-size line longer than this is not HTTP
+LOG_TAIL_LINES = 20            # lines of a failed container's log sent to the client
+MAX_LOG_TAIL = 10000
+POLL_SECONDS = 0.25            # how often the health gate looks at a new container
+
+# A deployment name is a container name and an image repository component, so
+# it must satisfy both of docker's grammars (the container one wants 2+ chars).
+NAME_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
+PARKED_SUFFIX = ".edd-old"
+LABEL = "edd.deployment"
+MUTATING = frozenset(["load", "start", "stop", "restart", "rollback", "delete"])
+
+log = logging.getLogger("edd")
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class EddError(Exception):
+    """An error with the HTTP status the client gets; `extra` joins the JSON body."""
+    status = 500
+
+    def __init__(self, message, status=None, **extra):
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+        self.extra = extra
+
+
+class BadRequest(EddError):
+    status = 400
+
+
+class Forbidden(EddError):
+    status = 403
+
+
+class NotFound(EddError):
+    status = 404
+
+
+class MethodNotAllowed(EddError):
+    status = 405
+
+    def __init__(self, allowed):
+        super().__init__("method not allowed; allowed: " + ", ".join(allowed))
+        self.allowed = allowed
+
+
+class Conflict(EddError):
+    status = 409
+
+
+class LengthRequired(EddError):
+    status = 411
+
+
+class PayloadTooLarge(EddError):
+    status = 413
+
+
+class DockerError(EddError):
+    """The docker CLI failed; the message is docker's own."""
+    status = 502
+
+
+class ServiceUnavailable(EddError):
+    status = 503
+
+
+class ClientGone(Exception):
+    """The client closed, stalled or cut its upload short: no one to answer."""
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    name: str
+    args: tuple = ()
+    command: tuple = ()
+    clients: frozenset = None          # None: any certificate from client_ca
+    settle_seconds: float = 2.0
+    health_timeout_seconds: float = 60.0
+    stop_timeout_seconds: int = 10
+
+    @property
+    def container(self):
+        return self.name
+
+    @property
+    def parked_container(self):
+        return self.name + PARKED_SUFFIX
+
+    def tag(self, which):
+        return "edd/%s:%s" % (self.name, which)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: str
+    deployments: dict
+    listen: tuple = ("0.0.0.0", 8866)
+    server_cert: str = "/etc/edd/server.crt"
+    server_key: str = "/etc/edd/server.key"
+    client_ca: str = "/etc/edd/ca.crt"
+    admins: frozenset = frozenset()
+    max_upload_bytes: int = 8 << 30
+    body_timeout_seconds: float = 60.0
+    handshake_timeout_seconds: float = 10.0
+    header_timeout_seconds: float = 30.0
+    docker: str = "docker"
+
+
+TOP_KEYS = {
+    # key: (type, check of the value or None)
+    "listen": (str, None),
+    "server_cert": (str, None),
+    "server_key": (str, None),
+    "client_ca": (str, None),
+    "deployments": (list, None),
+    "admins": (list, "strings"),
+    "max_upload_bytes": (int, "positive"),
+    "body_timeout_seconds": (float, "positive"),
+    "handshake_timeout_seconds": (float, "positive"),
+    "header_timeout_seconds": (float, "positive"),
+    "docker": (str, None),
+}
+DEPLOYMENT_KEYS = {
+    "name": (str, None),
+    "args": (list, "strings"),
+    "command": (list, "strings"),
+    "clients": (list, "strings"),
+    "settle_seconds": (float, "non-negative"),
+    "health_timeout_seconds": (float, "positive"),
+    "stop_timeout_seconds": (int, "non-negative"),
+}
+# docker run options that would break how edd names, finds and swaps containers.
+FORBIDDEN_ARGS = ("--name", "--rm", "--label", "-l", "--detach", "-d")
+
+
+def _check_value(value, kind, rule, where):
+    """Return `value` if it has type `kind` and obeys `rule`; raise ConfigError otherwise."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    names = {str: "a string", list: "a list", int: "an integer", float: "a number"}
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError("%s: must be %s" % (where, names[kind]))
+    if rule == "strings" and not all(isinstance(v, str) for v in value):
+        raise ConfigError("%s: must be a list of strings" % where)
+    if rule == "positive" and value <= 0:
+        raise ConfigError("%s: must be greater than 0" % where)
+    if rule == "non-negative" and value < 0:
+        raise ConfigError("%s: must not be negative" % where)
+    return value
+
+
+def _take(raw, schema, where):
+    """Validate the keys of object `raw` against `schema`; return {key: value}."""
+    if not isinstance(raw, dict):
+        raise ConfigError("%s: must be an object" % (where or "top level"))
+    for key in raw:
+        if key not in schema:
+            raise ConfigError("%s%s: unknown key" % (where and where + ".", key))
+    return {key: _check_value(value, schema[key][0], schema[key][1],
+                              (where and where + ".") + key)
+            for key, value in raw.items()}
+
+
+def _parse_listen(text):
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("listen: must be HOST:PORT, e.g. 0.0.0.0:8866")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parse_deployment(raw, where):
+    fields = _take(raw, DEPLOYMENT_KEYS, where)
+    name = fields.get("name")
+    if name is None:
+        raise ConfigError("%s.name: missing" % where)
+    if len(name) < 2 or len(name) > 128 or not NAME_RE.match(name):
+        raise ConfigError(
+            "%s.name: %r must be 2-128 characters of a-z 0-9, separated by single "
+            "'.', '_' or '-' (it becomes a container name and an image repository)"
+            % (where, name))
+    for arg in fields.get("args", ()):
+        if arg.split("=", 1)[0] in FORBIDDEN_ARGS:
+            raise ConfigError("%s.args: %r is set by edd itself" % (where, arg))
+    for key in ("args", "command"):
+        if key in fields:
+            fields[key] = tuple(fields[key])
+    if "clients" in fields:
+        fields["clients"] = frozenset(fields["clients"])
+    return Deployment(**fields)
+
+
+def parse_config(raw, path):
+    """Turn the decoded JSON `raw` into a Config; relative paths are from `path`'s folder."""
+    fields = _take(raw, TOP_KEYS, "")
+    if "deployments" not in fields:
+        raise ConfigError("deployments: missing")
+    deployments = {}
+    for index, item in enumerate(fields.pop("deployments")):
+        deployment = _parse_deployment(item, "deployments[%d]" % index)
+        if deployment.name in deployments:
+            raise ConfigError("deployments[%d].name: %r appears twice"
+                              % (index, deployment.name))
+        deployments[deployment.name] = deployment
+    if "listen" in fields:
+        fields["listen"] = _parse_listen(fields["listen"])
+    if "admins" in fields:
+        fields["admins"] = frozenset(fields["admins"])
+    config = Config(path=path, deployments=deployments, **fields)
+    base = os.path.dirname(os.path.abspath(path))
+    files = {key: os.path.join(base, getattr(config, key))
+             for key in ("server_cert", "server_key", "client_ca")}
+    for key, file in files.items():
+        if not os.access(file, os.R_OK):
+            raise ConfigError("%s: cannot read %s" % (key, file))
+    return dataclasses.replace(config, **files)
+
+
+def load_config(path):
+    """Read and validate the config file; raise ConfigError naming the file and key."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            raw = json.load(file)
+    except OSError as exc:
+        raise ConfigError("%s: cannot read: %s" % (path, exc.strerror)) from None
+    except ValueError as exc:
+        raise ConfigError("%s: not valid JSON: %s" % (path, exc)) from None
+    try:
+        return parse_config(raw, path)
+    except ConfigError as exc:
+        raise ConfigError("%s: %s" % (path, exc)) from None
+
+
+def make_ssl_context(config):
+    """The server's TLS context: TLS 1.2+, client certificates required from client_ca."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(config.server_cert, config.server_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("%s: server_cert/server_key: cannot load %s with %s: %s"
+                          % (config.path, config.server_cert, config.server_key,
+                             exc)) from None
+    try:
+        context.load_verify_locations(cafile=config.client_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("%s: client_ca: cannot load %s: %s"
+                          % (config.path, config.client_ca, exc)) from None
+    return context
+
+
+# ---------------------------------------------------------------------------
+# Docker: the only place that runs the CLI
+# ---------------------------------------------------------------------------
+
+def _docker_message(stderr):
+    text = stderr.decode("utf-8", "replace").strip()
+    return text.replace("Error response from daemon: ", "") or "docker failed"
+
+
+def _is_missing(message):
+    return "no such" in message.lower()
+
+
+class Docker:
+    """Runs `docker` with argv lists, never a shell; failures raise DockerError."""
+
+    def __init__(self, command="docker"):
+        self.command = command
+
+    def _argv(self, args):
+        argv = [self.command] + list(args)
+        log.debug("docker: %s", " ".join(argv))
+        return argv
+
+    def run(self, *args, timeout=300, check=True):
+        """Run docker with `args`; return its stdout (text). Raise DockerError on failure."""
+        try:
+            done = subprocess.run(self._argv(args), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=timeout)
+        except FileNotFoundError:
+            raise DockerError("docker CLI not found: %s" % self.command) from None
+        except subprocess.TimeoutExpired:
+            raise DockerError("docker %s took longer than %d s" % (args[0], timeout)) from None
+        if check and done.returncode != 0:
+            raise DockerError(_docker_message(done.stderr))
+        return done.stdout.decode("utf-8", "replace")
+
+    def inspect(self, kind, names):
+        """{name: docker's JSON} for the containers or images that exist among `names`."""
+        try:
+            done = subprocess.run(self._argv([kind, "inspect"] + list(names)),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+        except FileNotFoundError:
+            raise DockerError("docker CLI not found: %s" % self.command) from None
+        message = _docker_message(done.stderr)
+        if done.returncode != 0 and not _is_missing(message):
+            raise DockerError(message)
+        found = json.loads(done.stdout or b"[]")
+        # docker keeps the order of the names it found, skipping the missing ones.
+        missing = set(re.findall(r"[Nn]o such \w+: (\S+)", message))
+        present = [n for n in names if n not in missing and n.split(":")[0] not in missing]
+        if len(present) != len(found):
+            present = [(obj.get("Name") or "").lstrip("/") or obj.get("Id") for obj in found]
+        return dict(zip(present, found))
+
+    def container(self, name):
+        return self.inspect("container", [name]).get(name)
+
+    def image_id(self, ref):
+        image = self.inspect("image", [ref]).get(ref)
+        return image["Id"] if image else None
+
+    def run_quietly(self, *args):
+        """Run a clean-up command whose failure is only worth a log line."""
+        try:
+            self.run(*args)
+            return True
+        except DockerError as exc:
+            level = logging.DEBUG if _is_missing(str(exc)) else logging.WARNING
+            log.log(level, "docker %s: %s", " ".join(args), exc)
+            return False
+
+    def logs(self, name, tail):
+        try:
+            done = subprocess.run(self._argv(["logs", "--tail", str(tail), name]),
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=60)
+        except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+            raise DockerError("docker logs failed: %s" % exc) from None
+        return done.stdout.decode("utf-8", "replace")
+
+    def start_load(self):
+        """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread."""
+        try:
+            process = subprocess.Popen(self._argv(["load"]), stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       bufsize=0)
+        except FileNotFoundError:
+            raise DockerError("docker CLI not found: %s" % self.command) from None
+        try:
+            fcntl.fcntl(process.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass    # a smaller pipe only costs a few more context switches
+        output = []
+        reader = threading.Thread(target=lambda: output.append(process.stdout.read()),
+                                  name="docker-load-output", daemon=True)
+        reader.start()
+
+        def finish():
+            reader.join()
+            return output[0].decode("utf-8", "replace") if output else ""
+        return process, finish
+
+
+def parse_load_output(text):
+    """The image references `docker load` printed: 'repo:tag' names or 'sha256:…' ids."""
+    refs = []
+    for line in text.splitlines():
+        match = re.match(r"\s*Loaded image(?: ID)?: (\S+)\s*$", line)
+        if match and match.group(1) not in refs:
+            refs.append(match.group(1))
+    return refs
+
+
+# ---------------------------------------------------------------------------
+# Deploy logic: load, swap behind a health gate, restore
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Loaded:
+    image_id: str
+    images: list
+    bytes: int
+
+
+def _write_all(fd, view):
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def load_image(docker, chunks, image_choice=None):
+    """Stream `chunks` (memoryviews) into `docker load`; return the Loaded image.
+
+    A body that ends badly (ClientGone, framing errors) kills `docker load`, so
+    nothing is tagged. When docker refuses the archive early the rest of the body
+    is read and dropped, so the client still receives docker's message.
+    """
+    process, finish = docker.start_load()
+    received = 0
+    try:
+        fd = process.stdin.fileno()
+        for chunk in chunks:
+            received += len(chunk)
+            try:
+                _write_all(fd, chunk)
+            except BrokenPipeError:
+                for chunk in chunks:
+                    received += len(chunk)
+                break
+        process.stdin.close()
+        returncode = process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        finish()
+        raise
+    output = finish()
+    if returncode != 0:
+        message = output.strip().replace("Error response from daemon: ", "")
+        raise BadRequest("docker load failed: %s" % (message or "exit %d" % returncode))
+    return _pick_image(docker, parse_load_output(output), image_choice, received)
+
+
+def _pick_image(docker, refs, image_choice, received):
+    if not refs:
+        raise BadRequest("docker load found no image in the upload")
+    images = docker.inspect("image", refs)
+    ids = {ref: image["Id"] for ref, image in images.items()}
+    if image_choice is not None:
+        if image_choice not in ids:
+            raise BadRequest("the archive holds %s, not %s" % (", ".join(refs), image_choice))
+        return Loaded(ids[image_choice], refs, received)
+    if len(set(ids.values())) != 1:
+        raise BadRequest("the archive holds several images (%s); choose one with ?image=REF"
+                         % ", ".join(refs))
+    return Loaded(next(iter(ids.values())), refs, received)
+
+
+def describe(deployment, container):
+    """The deployment's public state, from docker's JSON of its container (or None)."""
+    if container is None:
+        return {"name": deployment.name, "container": None, "state": "absent",
+                "image": None, "image_id": None, "health": None, "started_at": None}
+    state = container.get("State") or {}
+    health = state.get("Health") or {}
+    return {
+        "name": deployment.name,
+        "container": container.get("Name", "").lstrip("/"),
+        "state": state.get("Status"),
+        "image": (container.get("Config") or {}).get("Image"),
+        "image_id": container.get("Image"),
+        "health": health.get("Status"),
+        "started_at": state.get("StartedAt") if state.get("Running") else None,
+        "exit_code": None if state.get("Running") else state.get("ExitCode"),
+    }
+
+
+def _owned(deployment, container):
+    labels = (container.get("Config") or {}).get("Labels") or {}
+    return labels.get(LABEL) == deployment.name
+
+
+class Deployer:
+    """What requests cause on the host. Callers hold the deployment's lock."""
+
+    def __init__(self, docker):
+        self.docker = docker
+
+    # -- reading ------------------------------------------------------------
+
+    def describe_all(self, deployments):
+        containers = self.docker.inspect("container", [d.container for d in deployments])
+        return [describe(d, containers.get(d.container)) for d in deployments]
+
+    def describe(self, deployment):
+        return describe(deployment, self.docker.container(deployment.container))
+
+    def owned_container(self, deployment, name=None):
+        """docker's JSON for the deployment's container, or None if there is none.
+
+        A container of that name that edd did not create is never touched: Conflict.
+        """
+        name = name or deployment.container
+        container = self.docker.container(name)
+        if container is not None and not _owned(deployment, container):
+            raise Conflict(
+                "container %r exists but edd did not create it (it lacks the label "
+                "%s=%s); remove or rename it by hand, e.g. `docker rename %s %s.manual`"
+                % (name, LABEL, deployment.name, name, name))
+        return container
+
+    def logs(self, deployment, tail):
+        if self.owned_container(deployment) is None:
+            raise NotFound("deployment %r has no container" % deployment.name)
+        return self.docker.logs(deployment.container, tail)
+
+    # -- simple actions -----------------------------------------------------
+
+    def start(self, deployment):
+        if self.owned_container(deployment) is not None:
+            self.docker.run("start", deployment.container)
+        elif self.docker.image_id(deployment.tag("current")):
+            self._run_container(deployment)
+        else:
+            raise Conflict("deployment %r has no container and no image; push one first"
+                           % deployment.name)
+        return self.describe(deployment)
+
+    def stop(self, deployment):
+        self._require_container(deployment)
+        self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
+                        deployment.container)
+        return self.describe(deployment)
+
+    def restart(self, deployment):
+        self._require_container(deployment)
+        self.docker.run("restart", "-t", str(deployment.stop_timeout_seconds),
+                        deployment.container)
+        return self.describe(deployment)
+
+    def delete(self, deployment):
+        if self.owned_container(deployment) is not None:
+            self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
+                            deployment.container)
+            self.docker.run("rm", deployment.container)
+        return self.describe(deployment)
+
+    def _require_container(self, deployment):
+        if self.owned_container(deployment) is None:
+            raise Conflict("deployment %r has no container; push an image first"
+                           % deployment.name)
+
+    def _run_container(self, deployment):
+        self.docker.run(
+            "run", "-d", "-it", *deployment.args, "--name", deployment.container,
+            "--label", "%s=%s" % (LABEL, deployment.name), deployment.tag("current"),
+            *deployment.command)
+
+    # -- the swap -----------------------------------------------------------
+
+    def rollback(self, deployment):
+        previous = self.docker.image_id(deployment.tag("previous"))
+        if previous is None:
+            raise Conflict("deployment %r has no previous image to roll back to"
+                           % deployment.name)
+        return self.deploy(deployment, previous)
+
+    def deploy(self, deployment, image_id):
+        """Replace the deployment's container with one running `image_id`.
+
+        Steps: park the old container (stop, rename), tag the image current, run
+        it, wait for the gate. On success the parked container is removed and the
+        old current image becomes previous; on any failure the new container is
+        removed, the tag and the parked container are put back as they were, and
+        DeployFailed says so. Return the deployment's new state.
+        """
+        self.recover(deployment)
+        old = self.owned_container(deployment)
+        old_running = bool(old and (old.get("State") or {}).get("Running"))
+        current_id = self.docker.image_id(deployment.tag("current"))
+        steps = []                  # what has been done, for the undo
+        try:
+            if old is not None:
+                if old_running:
+                    self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
+                                    deployment.container)
+                self.docker.run("rename", deployment.container, deployment.parked_container)
+                steps.append("parked")
+            self.docker.run("tag", image_id, deployment.tag("current"))
+            steps.append("tagged")
+            self._run_container(deployment)
+            self._gate(deployment)
+        except Exception as exc:
+            container_log = self._undo(deployment, steps, current_id, old_running)
+            before = ("the previous container runs again" if old_running else
+                      "the deployment is as it was")
+            raise EddError("deploy failed, %s: %s" % (before, exc),
+                           status=getattr(exc, "status", 500), restored=True,
+                           log=container_log, deployment=self.describe(deployment)) from None
+        if old is not None:
+            self.docker.run_quietly("rm", deployment.parked_container)
+        if current_id and current_id != image_id:
+            # Untagging previous deletes its image when nothing else names or runs it:
+            # edd removes only images it replaced itself, never a global prune.
+            self.docker.run_quietly("rmi", deployment.tag("previous"))
+            self.docker.run_quietly("tag", current_id, deployment.tag("previous"))
+        return self.describe(deployment)
+
+    def _gate(self, deployment):
+        """Return once the new container has run settle_seconds (and is healthy if the
+        image has a HEALTHCHECK); raise EddError when it exits or turns unhealthy."""
+        started = time.monotonic()
+        while True:
+            container = self.docker.container(deployment.container) or {}
+            state = container.get("State") or {}
+            health = (state.get("Health") or {}).get("Status")
+            waited = time.monotonic() - started
+            if state.get("Status") != "running":
+                raise EddError("the new container is %s (exit code %s) after %.1f s"
+                               % (state.get("Status", "gone"), state.get("ExitCode"), waited),
+                               status=502)
+            if health == "unhealthy":
+                raise EddError("the new container's health check failed", status=502)
+            if waited >= deployment.settle_seconds and health in (None, "healthy"):
+                return
+            if health == "starting" and waited >= deployment.health_timeout_seconds:
+                raise EddError("the new container was not healthy within %g s"
+                               % deployment.health_timeout_seconds, status=502)
+            time.sleep(min(POLL_SECONDS, max(deployment.settle_seconds - waited, 0.05)))
+
+    def _undo(self, deployment, steps, current_id, old_running):
+        """Put back what deploy() changed; return the failed container's last log lines."""
+        container_log = ""
+        # Once the old container is parked (or when there was none), whatever
+        # holds the deployment's name is the new container, even half-created.
+        if "tagged" in steps and self.docker.container(deployment.container) is not None:
+            container_log = self.docker.logs(deployment.container, LOG_TAIL_LINES)
+            self.docker.run_quietly("rm", "-f", deployment.container)
+        if "tagged" in steps:
+            if current_id:
+                self.docker.run_quietly("tag", current_id, deployment.tag("current"))
+            else:
+                self.docker.run_quietly("rmi", deployment.tag("current"))
+        if "parked" in steps:
+            self.docker.run_quietly("rename", deployment.parked_container,
+                                    deployment.container)
+        if old_running:
+            self.docker.run_quietly("start", deployment.container)
+        return container_log
+
+    def recover(self, deployment):
+        """Finish a swap that edd was killed in the middle of: put the parked container
+        back, running, and point the current tag at its image. Return True if it did."""
+        parked = self.owned_container(deployment, deployment.parked_container)
+        if parked is None:
+            return False
+        log.warning("deployment %s: found parked container %s from an interrupted "
+                    "swap; restoring it", deployment.name, deployment.parked_container)
+        if self.owned_container(deployment) is not None:
+            self.docker.run("rm", "-f", deployment.container)
+        self.docker.run("tag", parked["Image"], deployment.tag("current"))
+        self.docker.run("rename", deployment.parked_container, deployment.container)
+        self.docker.run("start", deployment.container)
+        return True
+
+
+# ---------------------------------------------------------------------------
+# Authorization and bookkeeping shared by requests
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Client:
+    """Who is on the other end: the certificate's CN and every identity it proves."""
+    name: str
+    identities: frozenset
+
+    @classmethod
+    def from_cert(cls, cert):
+        names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
+                 if key == "commonName"]
+        names += [value for kind, value in (cert or {}).get("subjectAltName", ())
+                  if kind in ("DNS", "email")]
+        return cls(names[0] if names else "-", frozenset(names))
+
+
+def may_use(config, client, deployment):
+    if client.identities & config.admins:
+        return True
+    return deployment.clients is None or bool(client.identities & deployment.clients)
+
+
+class Metrics:
+    """Counters and one histogram, rendered in Prometheus' text format."""
+    HELP = {
+        "edd_requests_total": ("counter", "HTTP requests answered, by status."),
+        "edd_deploys_total": ("counter", "Loads and rollbacks, by deployment and outcome."),
+        "edd_restores_total": ("counter", "Failed deploys after which the old state was restored."),
+        "edd_recoveries_total": ("counter", "Interrupted swaps repaired at startup."),
+        "edd_upload_bytes_total": ("counter", "Image archive bytes received."),
+        "edd_deploy_duration_seconds": ("histogram", "Time from request to deployed or restored."),
+        "edd_build_info": ("gauge", "edd's version and Python's."),
+    }
+    BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values = {("edd_build_info", (("python", sys.version.split()[0]),
+                                            ("version", __version__))): 1}
+        self._histograms = {}
+
+    def count(self, name, amount=1, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0) + amount
+
+    def observe(self, name, seconds, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        with self._lock:
+            counts = self._histograms.setdefault(key, [0] * (len(self.BUCKETS) + 2))
+            counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+            counts[-1] += seconds
+
+    def render(self):
+        with self._lock:
+            values = dict(self._values)
+            histograms = {key: list(counts) for key, counts in self._histograms.items()}
+        lines = []
+        for name, (kind, text) in self.HELP.items():
+            lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+            for (metric, labels), value in sorted(values.items()):
+                if metric == name:
+                    lines.append("%s%s %s" % (name, _labels(labels), _number(value)))
+            for (metric, labels), counts in sorted(histograms.items()):
+                if metric == name:
+                    lines += self._histogram_lines(name, labels, counts)
+        return "\n".join(lines) + "\n"
+
+    def _histogram_lines(self, name, labels, counts):
+        lines, total = [], 0
+        for bound, count in zip(self.BUCKETS + ("+Inf",), counts):
+            total += count
+            lines.append("%s_bucket%s %d" % (name, _labels(labels + (("le", str(bound)),)),
+                                             total))
+        lines.append("%s_sum%s %s" % (name, _labels(labels), _number(counts[-1])))
+        lines.append("%s_count%s %d" % (name, _labels(labels), total))
+        return lines
+
+
+def _labels(labels):
+    if not labels:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\")
+                                          .replace('"', '\\"').replace("\n", "\\n"))
+                             for key, value in labels)
+
+
+def _number(value):
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class App:
+    """The daemon's state: config, TLS context, docker, locks, metrics. Reload swaps
+    config and TLS context whole; requests already running keep the ones they took."""
+
+    def __init__(self, config):
+        self.config = config
+        self.ssl_context = make_ssl_context(config)
+        self.deployer = Deployer(Docker(config.docker))
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self._busy = {}             # deployment name -> what holds it
+        self._busy_lock = threading.Lock()
+
+    def reload(self):
+        """Re-read the config file and TLS files; keep the running ones if they fail."""
+        try:
+            config = load_config(self.config.path)
+            context = make_ssl_context(config)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return False
+        if config.listen != self.config.listen:
+            log.warning("listen changed to %s:%d; that takes a restart", *config.listen)
+        self.config, self.ssl_context = config, context
+        self.deployer = Deployer(Docker(config.docker))
+        log.info("reloaded %s: %d deployments", config.path, len(config.deployments))
+        return True
+
+    def authorize(self, client, name):
+        """The named deployment if `client` may use it; NotFound or Forbidden otherwise."""
+        deployment = self.config.deployments.get(name)
+        if deployment is None:
+            raise NotFound("no deployment named %r" % name)
+        if not may_use(self.config, client, deployment):
+            raise Forbidden("%s may not use deployment %r" % (client.name, name))
+        return deployment
+
+    def hold(self, deployment, what):
+        """Mark the deployment busy with `what`, or raise Conflict if it already is."""
+        with self._busy_lock:
+            if deployment.name in self._busy:
+                raise Conflict("deployment %r is busy: %s" % (deployment.name,
+                                                             self._busy[deployment.name]))
+            self._busy[deployment.name] = what
+
+    def release(self, deployment):
+        with self._busy_lock:
+            self._busy.pop(deployment.name, None)
+
+    def recover_all(self):
+        for deployment in self.config.deployments.values():
+            try:
+                if self.deployer.recover(deployment):
+                    self.metrics.count("edd_recoveries_total", deployment=deployment.name)
+            except EddError as exc:
+                log.error("deployment %s: could not repair an interrupted swap: %s",
+                          deployment.name, exc)
+
+
+# ---------------------------------------------------------------------------
+# HTTP: request bodies
+# ---------------------------------------------------------------------------
+
+def body_length(headers, limit):
+    """The upload's length from its headers, or None when it is chunked.
+
+    Raise the 4xx that bad framing deserves: both framings or neither, a
+    Content-Length that is not one number, a body larger than `limit`.
+    """
+    encodings = [c.strip().lower() for v in headers.get_all("Transfer-Encoding", [])
+                 for c in v.split(",")]
+    lengths = {v.strip() for v in headers.get_all("Content-Length", []) for v in v.split(",")}
+    if encodings and lengths:
+        raise BadRequest("send either Content-Length or Transfer-Encoding, not both")
+    if encodings:
+        if encodings != ["chunked"]:
+            raise BadRequest("only Transfer-Encoding: chunked is supported")
+        return None
+    if not lengths:
+        raise LengthRequired("an upload needs Content-Length or Transfer-Encoding: chunked")
+    if len(lengths) != 1 or not re.match(r"[0-9]{1,20}\Z", next(iter(lengths))):
+        raise BadRequest("Content-Length must be one whole number")
+    length = int(lengths.pop())
+    if length > limit:
+        raise PayloadTooLarge("upload of %d bytes is larger than max_upload_bytes (%d)"
+                              % (length, limit))
+    return length
+
+
+class LengthBody:
+    """A body of known length read from `rfile`."""
+
+    def __init__(self, rfile, length):
+        self.rfile = rfile
+        self.left = length
+        self.received = 0
+
+    def readinto(self, view):
+        """Fill `view` with the body's next bytes; return how many (0 at the end)."""
+        want = min(len(view), self.left)
+        if want == 0:
+            return 0
+        got = self.rfile.readinto(view[:want])
+        if not got:
+            raise ClientGone("the client closed the connection after %d of %d bytes"
+                             % (self.received, self.received + self.left))
+        self.left -= got
+        self.received += got
+        return got
+
+
+class ChunkedBody:
+    """A `Transfer-Encoding: chunked` body read from `rfile`, at most `limit` bytes."""
+
+    def __init__(self, rfile, limit):
+        self.rfile = rfile
+        self.limit = limit
+        self.chunk_left = 0
+        self.done = False
+        self.received = 0
+
+    def readinto(self, view):
+        """Fill `view` across chunks; return how many bytes (0 after the last chunk)."""
+        filled = 0
+        while filled < len(view) and not self.done:
+            if self.chunk_left == 0:
+                self.chunk_left = self._chunk_size()
+                if self.chunk_left == 0:
+                    self._skip_trailers()
+                    self.done = True
+                    break
+            want = min(len(view) - filled, self.chunk_left)
+            got = self.rfile.readinto(view[filled:filled + want])
+            if not got:
+                raise ClientGone("the client closed the connection inside a chunk")
+            filled += got
+            self.chunk_left -= got
+            self.received += got
+            if self.chunk_left == 0:
+                self._end_of_chunk()
+        return filled
+
+    def _line(self):
+        line = self.rfile.readline(MAX_CHUNK_LINE + 1)
+        if not line:
+            raise ClientGone("the client closed the connection before the last chunk")
+        if len(line) > MAX_CHUNK_LINE or not line.endswith(b"\r\n"):
+            raise BadRequest("malformed chunked body: line too long or not ended by CRLF")
+        return line[:-2]
+
+    def _chunk_size(self):
+        size = self._line().split(b";", 1)[0].strip()
+        if not re.match(rb"[0-9a-fA-F]{1,16}\Z", size):
+            raise BadRequest("malformed chunked body: bad chunk size %r" % size[:40])
+        size = int(size, 16)
+        if self.received + size > self.limit:
+            raise PayloadTooLarge("upload is larger than max_upload_bytes (%d)" % self.limit)
+        return size
+
+    def _end_of_chunk(self):
+        if self._line() != b"":
+            raise BadRequest("malformed chunked body: chunk data longer than its size")
+
+    def _skip_trailers(self):
+        while self._line() != b"":
+            pass
+
+
+# ---------------------------------------------------------------------------
+# HTTP: routes
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple = ()
+
+
+def json_response(status, value, headers=()):
+    return Response(status, (json.dumps(value, indent=2) + "\n").encode(), headers=headers)
+
+
+def error_response(exc):
+    headers = (("Allow", ", ".join(exc.allowed)),) if isinstance(exc, MethodNotAllowed) else ()
+    return json_response(exc.status, dict({"error": str(exc)}, **exc.extra), headers)
+
+
+ROUTES = []     # (method, compiled path, function, action)
+
+
+def route(method, template, action=None):
+    """Register a route; /v1/deployments/{name}/ACTION also answers as /v1/{name}/ACTION."""
+    def register(function):
+        templates = [template]
+        if template.startswith("/v1/deployments/{name}/"):
+            templates.append(template.replace("/v1/deployments/", "/v1/", 1))
+        for text in templates:
+            pattern = re.compile(re.escape(text).replace(r"\{name\}", "(?P<name>[^/]+)")
+                                 .replace("{name}", "(?P<name>[^/]+)") + r"\Z")
+            ROUTES.append((method, pattern, function, action))
+        return function
+    return register
+
+
+def match_route(method, path):
+    """(function, path parameters, action) for the request; NotFound or MethodNotAllowed."""
+    allowed = []
+    for route_method, pattern, function, action in ROUTES:
+        match = pattern.match(path)
+        if match:
+            if route_method == method:
+                return function, match.groupdict(), action
+            allowed.append(route_method)
+    if allowed:
+        raise MethodNotAllowed(sorted(set(allowed)))
+    raise NotFound("no such route: %s" % path)
+
+
+@route("GET", "/v1/deployments")
+def list_deployments(app, request):
+    usable = [d for d in app.config.deployments.values()
+              if may_use(app.config, request.client, d)]
+    return {"deployments": app.deployer.describe_all(usable)}
+
+
+@route("GET", "/v1/deployments/{name}")
+def get_deployment(app, request, name):
+    return app.deployer.describe(app.authorize(request.client, name))
+
+
+@route("GET", "/v1/deployments/{name}/logs")
+def deployment_logs(app, request, name):
+    deployment = app.authorize(request.client, name)
+    tail = request.query_int("tail", 100, 1, MAX_LOG_TAIL)
+    text = app.deployer.logs(deployment, tail)
+    return Response(200, text.encode(), "text/plain; charset=utf-8")
+
+
+@route("POST", "/v1/deployments/{name}/load", "load")
+@route("PUT", "/v1/deployments/{name}/load", "load")
+def load(app, request, name):
+    deployment = app.authorize(request.client, name)
+    with request.holding(deployment, "load"):
+        choice = request.query_one("image")
+        loaded = load_image(app.deployer.docker, request.body_chunks(), choice)
+        request.audit["image_id"] = loaded.image_id
+        log.info("id=%s deployment=%s loaded %s (%s, %d bytes)", request.id, name,
+                 loaded.image_id, " ".join(loaded.images), loaded.bytes)
+        state = app.deployer.deploy(deployment, loaded.image_id)
+    state["loaded"] = dataclasses.asdict(loaded)
+    return state
+
+
+def _action(action, method="POST", template=None):
+    """A route for a Deployer action that holds the lock and replies with the new state."""
+    @route(method, template or "/v1/deployments/{name}/" + action, action)
+    def act(app, request, name):
+        deployment = app.authorize(request.client, name)
+        with request.holding(deployment, action):
+            return getattr(app.deployer, action)(deployment)
+    return act
+
+
+for _action_name in ("start", "stop", "restart", "rollback"):
+    _action(_action_name)
+_action("delete", "DELETE", "/v1/deployments/{name}")
+
+
+@route("GET", "/v1/health")
+def health(app, request):
+    try:
+        version = app.deployer.docker.run("version", "--format", "{{.Server.Version}}",
+                                          timeout=10).strip()
+    except DockerError as exc:
+        raise ServiceUnavailable("docker is not answering: %s" % exc, edd=__version__)
+    return {"status": "ok", "edd": __version__, "docker": version}
+
+
+@route("GET", "/metrics")
+def metrics(app, request):
+    return Response(200, app.metrics.render().encode(), "text/plain; version=0.0.4")
+
+
+# ---------------------------------------------------------------------------
+# HTTP: the request handler
+# ---------------------------------------------------------------------------
+
+def format_fields(**values):
+    """key=value pairs for a log line; values with spaces or quotes are JSON-quoted."""
+    return " ".join("%s=%s" % (key, value if re.match(r"[\w.:/@+,-]+\Z", str(value))
+                               else json.dumps(str(value)))
+                    for key, value in values.items() if value is not None)
+
+
+class Request:
+    """What a route function sees of one HTTP request."""
+
+    def __init__(self, handler, path, query):
+        self.handler = handler
+        self.app = handler.app
+        self.client = handler.client
+        self.id = secrets.token_hex(4)
+        self.path = path
+        self.query = urllib.parse.parse_qs(query, keep_blank_values=True)
+        self.audit = {}
+        self.body = None
+        self.body_done = False
+
+    def query_one(self, key, default=None):
+        values = self.query.get(key)
+        if not values:
+            return default
+        if len(values) > 1:
+            raise BadRequest("query parameter %r given more than once" % key)
+        return values[0]
+
+    def query_int(self, key, default, low, high):
+        value = self.query_one(key)
+        if value is None:
+            return default
+        if not re.match(r"[0-9]{1,9}\Z", value) or not low <= int(value) <= high:
+            raise BadRequest("%s must be a whole number from %d to %d" % (key, low, high))
+        return int(value)
+
+    def holding(self, deployment, action):
+        """A context that holds the deployment busy; Conflict at once if it already is."""
+        request = self
+
+        class Holding:
+            def __enter__(self):
+                request.app.hold(deployment, "%s by %s (request %s)"
+                                 % (action, request.client.name, request.id))
+
+            def __exit__(self, *exc_info):
+                request.app.release(deployment)
+        return Holding()
+
+    def body_chunks(self):
+        """Check the upload's framing, answer 100 Continue, and return its chunks."""
+        config = self.app.config
+        length = body_length(self.handler.headers, config.max_upload_bytes)
+        rfile = self.handler.rfile
+        self.body = (ChunkedBody(rfile, config.max_upload_bytes) if length is None
+                     else LengthBody(rfile, length))
+        self.handler.connection.settimeout(config.body_timeout_seconds)
+        self.handler.send_continue()
+        return self._chunks(config.body_timeout_seconds)
+
+    def _chunks(self, timeout):
+        # One buffer for the whole upload: memory stays flat however large it is.
+        view = memoryview(bytearray(BUFFER_SIZE))
+        while True:
+            try:
+                count = self.body.readinto(view)
+            except (ClientGone, OSError) as exc:
+                if self.app.stopping.is_set():
+                    raise ServiceUnavailable("edd is shutting down; upload aborted") from None
+                if isinstance(exc, socket.timeout):
+                    raise ClientGone("no data from the client for %g s" % timeout) from None
+                raise ClientGone(str(exc)) from None
+            if not count:
+                self.body_done = True
+                return
+            yield view[:count]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Parses requests and writes responses; route functions do the rest."""
+    protocol_version = "HTTP/1.1"
+    server_version = "edd/" + __version__
+    sys_version = ""
+
+    def setup(self):
+        super().setup()
+        self.app = self.server.app
+        self.client = Client.from_cert(self.connection.getpeercert())
+        self.server.track(self, True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.track(self, False)
+
+    def handle_one_request(self):
+        timeout = self.app.config.header_timeout_seconds
+        self.connection.settimeout(timeout)
+        self._deadline = Deadline(self.connection, timeout)
+        self._expect_continue = False
+        try:
+            super().handle_one_request()
+        finally:
+            self._deadline.cancel()
+
+    def parse_request(self):
+        parsed = super().parse_request()
+        self._deadline.cancel()
+        return parsed
+
+    def handle_expect_100(self):
+        # 100 Continue goes out only once the upload is accepted (route, identity,
+        # lock, framing): the body of a refused upload is never asked for.
+        self._expect_continue = True
+        return True
+
+    def send_continue(self):
+        if self._expect_continue:
+            self._expect_continue = False
+            self.send_response_only(100)
+            self.end_headers()
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def dispatch(self):
+        started = time.monotonic()
+        path, _, query = self.path.partition("?")
+        request = Request(self, path, query)
+        action, result, response = None, None, None
+        try:
+            function, params, action = match_route(self.command, path)
+            result = function(self.app, request, **params)
+            response = result if isinstance(result, Response) else json_response(200, result)
+        except ClientGone as exc:
+            log.info("id=%s client=%s gone: %s", request.id, self.client.name, exc)
+        except EddError as exc:
+            response, result = error_response(exc), exc.extra
+        except Exception:
+            log.exception("id=%s unexpected error", request.id)
+            response = json_response(500, {"error": "internal error; edd's log has the "
+                                                    "details (request %s)" % request.id})
+        declared = (self.headers.get("Transfer-Encoding") or
+                    self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+        if response is None or (declared and not request.body_done):
+            self.close_connection = True
+        if response is not None:
+            self.send(response)
+        self.record(request, action, response, result, time.monotonic() - started)
+
+    def send(self, response):
+        try:
+            self.send_response(response.status)
+            self.send_header("Content-Type", response.content_type)
+            self.send_header("Content-Length", str(len(response.body)))
+            for key, value in response.headers:
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(response.body)
+        except OSError:
+            self.close_connection = True
+
+    def record(self, request, action, response, result, seconds):
+        """The request log line, the audit line and the metrics of one request."""
+        status = response.status if response is not None else 499   # client gone
+        metrics = self.app.metrics
+        metrics.count("edd_requests_total", status=str(status))
+        log.info("request %s", format_fields(
+            id=request.id, client=self.client.name, method=self.command,
+            path=request.path, status=status, duration_ms=int(seconds * 1000)))
+        if action not in MUTATING:
+            return
+        name = request.path.rstrip("/").split("/")[-1 if action == "delete" else -2]
+        received = request.body.received if request.body else None
+        result = result if isinstance(result, dict) else {}
+        running = (result.get("deployment") or result).get("image_id")
+        log.info("audit %s", format_fields(
+            id=request.id, time=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"),
+            client=self.client.name, deployment=name, action=action, status=status,
+            image_id=request.audit.get("image_id"), running=running, bytes=received,
+            restored=result.get("restored"), duration_ms=int(seconds * 1000)))
+        if name not in self.app.config.deployments:
+            return
+        if received:
+            metrics.count("edd_upload_bytes_total", received, deployment=name)
+        if action in ("load", "rollback"):
+            outcome = ("deployed" if status < 300 else "restored" if result.get("restored")
+                       else "refused" if status < 500 else "failed")
+            metrics.count("edd_deploys_total", deployment=name, action=action,
+                          outcome=outcome)
+            if outcome == "restored":
+                metrics.count("edd_restores_total", deployment=name)
+            metrics.observe("edd_deploy_duration_seconds", seconds, deployment=name)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by http.server's own parsing, answered in JSON like the rest."""
+        self.close_connection = True
+        text = message or http.HTTPStatus(code).phrase
+        body = (json.dumps({"error": text}) + "\n").encode()
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+        self.app.metrics.count("edd_requests_total", status=str(code))
+        log.info("request %s", format_fields(client=self.client.name, status=code, error=text))
+
+    def log_request(self, code="-", size="-"):
+        pass    # record() writes one line per request, with more in it
+
+    def log_message(self, format, *args):
+        log.debug("http: " + format, *args)
+
+
+# ---------------------------------------------------------------------------
+# TLS server
+# ---------------------------------------------------------------------------
+
+def _shutdown(sock, how=socket.SHUT_RDWR):
+    # socket.socket's method, not SSLSocket's: that one also drops the TLS state
+    # under the feet of the thread that is reading from the socket.
+    try:
+        socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+class Deadline:
+    """Shut a connection down unless cancel() comes within `seconds`.
+
+    Socket timeouts bound each read; a deadline bounds a whole phase (handshake,
+    request head) against clients that trickle in a byte at a time.
+    """
+
+    def __init__(self, sock, seconds):
+        self._timer = threading.Timer(seconds, _shutdown, (sock,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self):
+        self._timer.cancel()
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """Accepts plain TCP; each worker thread does its own TLS handshake."""
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, app):
+        self.app = app
+        self._handlers = set()
+        self._handlers_lock = threading.Lock()
+        host, port = app.config.listen
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, port), Handler)
+
+    def finish_request(self, request, client_address):
+        """Handshake in the worker thread: a client that sends nothing delays no one."""
+        timeout = self.app.config.handshake_timeout_seconds
+        tls = self.app.ssl_context.wrap_socket(request, server_side=True,
+                                               do_handshake_on_connect=False)
+        try:
+            tls.settimeout(timeout)
+            deadline = Deadline(tls, timeout)
+            try:
+                tls.do_handshake()
+            except OSError as exc:
+                log.info("tls handshake with %s failed: %s", client_address[0], exc)
+                return
+            finally:
+                deadline.cancel()
+            self.RequestHandlerClass(tls, client_address, self)
+        except OSError as exc:
+            log.debug("connection with %s ended: %s", client_address[0], exc)
+        finally:
+            tls.close()
+
+    def handle_error(self, request, client_address):
+        log.debug("connection with %s failed", client_address[0], exc_info=True)
+
+    def track(self, handler, active):
+        with self._handlers_lock:
+            (self._handlers.add if active else self._handlers.discard)(handler)
+
+    def stop_reading(self):
+        """Shut the read side of every open connection: uploads abort, idle ones close."""
+        with self._handlers_lock:
+            for handler in self._handlers:
+                _shutdown(handler.connection, socket.SHUT_RD)
+
+    def wait_idle(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with self._handlers_lock:
+                if not self._handlers:
+                    return True
+            time.sleep(0.1)
+        return False
+
+
+# ---------------------------------------------------------------------------
+# systemd, signals, logging
+# ---------------------------------------------------------------------------
+
+STOP_GRACE_SECONDS = 75        # below systemd's default TimeoutStopSec of 90 s
+
+
+def sd_notify(message):
+    """Tell systemd `message` (e.g. READY=1); do nothing when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]        # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+        return False
+
+
+def start_watchdog():
+    """Send WATCHDOG=1 at half the interval systemd asks for, if it asks."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+
+    def ping():
+        while True:
+            time.sleep(int(usec) / 2e6)
+            sd_notify("WATCHDOG=1")
+    thread = threading.Thread(target=ping, name="watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+class JournalFormatter(logging.Formatter):
+    """Prefixes journald reads as the priority; journald adds the time itself."""
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                  logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record):
+        return "<%d>%s" % (self.PRIORITIES.get(record.levelno, 6), super().format(record))
+
+
+def setup_logging(level):
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def serve(app, server):
+    """Serve until SIGTERM or SIGINT, reloading on SIGHUP; return the exit status."""
+    reload_lock = threading.Lock()
+
+    def reload():
+        with reload_lock:
+            sd_notify("RELOADING=1")
+            app.reload()
+            sd_notify("READY=1")
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGHUP:
+            threading.Thread(target=reload, name="reload", daemon=True).start()
+            return
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        sd_notify("STOPPING=1")
+        # shutdown() waits for serve_forever(), which runs in this very thread.
+        threading.Thread(target=server.shutdown, name="shutdown", daemon=True).start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    start_watchdog()
+    host, port = server.server_address[:2]
+    log.info("edd %s listening on https://%s:%d", __version__,
+             "[%s]" % host if ":" in host else host, port)
+    sd_notify("READY=1\nSTATUS=listening on port %d" % port)
+    server.serve_forever()
+    app.stopping.set()
+    server.server_close()
+    server.stop_reading()
+    if not server.wait_idle(STOP_GRACE_SECONDS):
+        log.warning("exiting with requests still running")
+    log.info("stopped")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+def check(path):
+    """Like `nginx -t`: validate the config, TLS files and docker; return 0 or 1."""
+    try:
+        config = load_config(path)
+        make_ssl_context(config)
+    except ConfigError as exc:
+        print("edd: error: %s" % exc, file=sys.stderr)
+        return 1
+    try:
+        version = Docker(config.docker).run("version", "--format", "{{.Server.Version}}",
+                                            timeout=20).strip()
+    except DockerError as exc:
+        print("edd: error: docker is not answering: %s" % exc, file=sys.stderr)
+        return 1
+    print("edd: %s is valid: %d deployments, TLS files load, docker %s answers"
+          % (path, len(config.deployments), version))
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="edd", description="Deploy container images pushed over mutual TLS.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="config file (default %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, TLS files and docker, then exit")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version="edd " + __version__)
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.check:
+        return check(args.config)
+    try:
+        app = App(load_config(args.config))
+    except ConfigError as exc:
+        print("edd: error: %s" % exc, file=sys.stderr)
+        return 1
+    try:
+        server = Server(app)
+    except OSError as exc:
+        print("edd: error: cannot listen on %s:%d: %s"
+              % (app.config.listen + (exc.strerror or exc,)), file=sys.stderr)
+        return 1
+    app.recover_all()
+    return serve(app, server)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
