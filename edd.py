@@ -479,6 +479,8 @@ def load_image(docker, chunks, image_choice=None):
         finish()
         raise
     output = finish()
+    if returncode != 0 and received == 0:
+        raise BadRequest("the upload is empty; send the output of `docker save`")
     if returncode != 0:
         message = output.strip().replace("Error response from daemon: ", "")
         raise BadRequest("docker load failed: %s" % (message or "exit %d" % returncode))
@@ -1174,7 +1176,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     """Parses requests and writes responses; route functions do the rest."""
     protocol_version = "HTTP/1.1"
     server_version = "edd/" + __version__
-    sys_version = ""
+
+    def version_string(self):
+        return self.server_version
 
     def setup(self):
         super().setup()
