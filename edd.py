@@ -1003,8 +1003,9 @@ def route(method, template, action=None):
         if template.startswith("/v1/deployments/{name}/"):
             templates.append(template.replace("/v1/deployments/", "/v1/", 1))
         for text in templates:
-            pattern = re.compile(re.escape(text).replace(r"\{name\}", "(?P<name>[^/]+)")
-                                 .replace("{name}", "(?P<name>[^/]+)") + r"\Z")
+            # Names are matched raw, never percent-decoded: /v1/deployments/a%2Fb is 404.
+            pattern = re.compile(re.escape(text).replace(re.escape("{name}"),
+                                                         "(?P<name>[a-z0-9._-]+)") + r"\Z")
             ROUTES.append((method, pattern, function, action))
         return function
     return register
