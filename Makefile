@@ -1,0 +1,111 @@
+# edd: run it locally, test it, install it.
+#
+#   make run         a local edd on 127.0.0.1:8866 (config.example.json, dev PKI)
+#   make certs       the dev PKI in ./pki/ (CA, server and client certificates)
+#   make test        the test suite (needs pytest, and Docker for most tests)
+#   make install     program, systemd unit and /etc/edd/config.json (if absent)
+#   make uninstall   remove program and unit; /etc/edd is left alone
+#
+# install and uninstall honour DESTDIR and PREFIX, e.g.
+#   make install DESTDIR=/tmp/pkgroot PREFIX=/usr
+
+PYTHON  ?= python3
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR  ?= $(PREFIX)/bin
+UNITDIR ?= /lib/systemd/system
+CONFDIR ?= /etc/edd
+PKI     ?= pki
+
+# Dev certificates: EC P-256 keys, which openssl makes instantly.
+NEWKEY   = openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256
+CERTDAYS = 825
+
+.PHONY: help run certs test install uninstall clean
+# `make bench` arrives with the performance work (issue 5).
+
+help:
+	@sed -n '3,8s/^# *//p' Makefile
+
+run: certs
+	$(PYTHON) edd.py --config config.example.json
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+# ---------------------------------------------------------------- dev PKI
+# File targets, so `make certs` only creates what is missing. Each leaf
+# certificate is signed from a CSR with an extension file, which works with
+# OpenSSL 1.1.1 as well as 3.x. The key identifiers matter: Python 3.13
+# verifies with VERIFY_X509_STRICT, which rejects certificates without them.
+
+certs: $(PKI)/ca.crt $(PKI)/server.crt $(PKI)/client.crt
+
+$(PKI)/ca.key $(PKI)/server.key $(PKI)/client.key:
+	@mkdir -p $(PKI)
+	umask 077 && $(NEWKEY) -out $@
+
+$(PKI)/ca.crt: $(PKI)/ca.key
+	printf '%s\n' '[req]' 'distinguished_name = dn' '[dn]' '[ca]' \
+	    'basicConstraints = critical, CA:TRUE' \
+	    'keyUsage = critical, keyCertSign, cRLSign' \
+	    'subjectKeyIdentifier = hash' > $@.cnf
+	openssl req -x509 -new -sha256 -days $(CERTDAYS) -key $< \
+	    -subj '/CN=edd dev CA' -config $@.cnf -extensions ca -out $@
+	rm -f $@.cnf
+
+$(PKI)/server.crt: $(PKI)/server.key $(PKI)/ca.crt
+	printf '%s\n' 'basicConstraints = CA:FALSE' \
+	    'keyUsage = critical, digitalSignature' \
+	    'extendedKeyUsage = serverAuth' \
+	    'subjectAltName = DNS:localhost, IP:127.0.0.1' \
+	    'subjectKeyIdentifier = hash' \
+	    'authorityKeyIdentifier = keyid' > $@.ext
+	openssl req -new -key $< -subj '/CN=localhost' -out $@.csr
+	openssl x509 -req -sha256 -days $(CERTDAYS) -in $@.csr \
+	    -CA $(PKI)/ca.crt -CAkey $(PKI)/ca.key -set_serial 0x$$(openssl rand -hex 16) \
+	    -extfile $@.ext -out $@
+	rm -f $@.csr $@.ext
+
+$(PKI)/client.crt: $(PKI)/client.key $(PKI)/ca.crt
+	printf '%s\n' 'basicConstraints = CA:FALSE' \
+	    'keyUsage = critical, digitalSignature' \
+	    'extendedKeyUsage = clientAuth' \
+	    'subjectKeyIdentifier = hash' \
+	    'authorityKeyIdentifier = keyid' > $@.ext
+	openssl req -new -key $< -subj '/CN=dev-client' -out $@.csr
+	openssl x509 -req -sha256 -days $(CERTDAYS) -in $@.csr \
+	    -CA $(PKI)/ca.crt -CAkey $(PKI)/ca.key -set_serial 0x$$(openssl rand -hex 16) \
+	    -extfile $@.ext -out $@
+	rm -f $@.csr $@.ext
+
+# ---------------------------------------------------------------- install
+# The unit in the repo names /usr/local/bin/edd and /etc/edd; install writes
+# the real BINDIR and CONFDIR into the copy it installs. The installed
+# config.json is config.example.json with the production values: listen on
+# all addresses, certificates in CONFDIR (operators put theirs there). An
+# existing config.json is never touched.
+
+install:
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR)
+	install -m 755 edd.py $(DESTDIR)$(BINDIR)/edd
+	sed -e 's|/usr/local/bin/edd|$(BINDIR)/edd|g' -e 's|/etc/edd/|$(CONFDIR)/|g' \
+	    edd.service > $(DESTDIR)$(UNITDIR)/edd.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/edd.service
+	[ -d $(DESTDIR)$(CONFDIR) ] || install -d -m 750 $(DESTDIR)$(CONFDIR)
+	@if [ -e $(DESTDIR)$(CONFDIR)/config.json ]; then \
+	    echo "keeping existing $(DESTDIR)$(CONFDIR)/config.json"; \
+	else \
+	    echo "installing $(DESTDIR)$(CONFDIR)/config.json"; \
+	    umask 077 && sed -e 's|"127\.0\.0\.1:8866"|"0.0.0.0:8866"|' \
+	        -e 's|"pki/|"$(CONFDIR)/|g' config.example.json \
+	        > $(DESTDIR)$(CONFDIR)/config.json && \
+	    chmod 640 $(DESTDIR)$(CONFDIR)/config.json; \
+	fi
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/edd $(DESTDIR)$(UNITDIR)/edd.service
+	@echo "left $(DESTDIR)$(CONFDIR) in place (config and keys)"
+
+clean:
+	rm -rf $(PKI) .pytest_cache tests/__pycache__
