@@ -371,8 +371,8 @@ class Docker:
             raise DockerError(message)
         found = json.loads(done.stdout or b"[]")
         # docker keeps the order of the names it found, skipping the missing ones.
-        missing = set(re.findall(r"[Nn]o such \w+: (\S+)", message))
-        present = [n for n in names if n not in missing and n.split(":")[0] not in missing]
+        missing = {name.rstrip(":") for name in re.findall(r"[Nn]o such \w+: (\S+)", message)}
+        present = [n for n in names if n not in missing]
         if len(present) != len(found):
             present = [(obj.get("Name") or "").lstrip("/") or obj.get("Id") for obj in found]
         return dict(zip(present, found))
@@ -1111,6 +1111,7 @@ class Request:
         self.id = secrets.token_hex(4)
         self.path = path
         self.query = urllib.parse.parse_qs(query, keep_blank_values=True)
+        self.deployment = None      # the name in the path, once routed
         self.audit = {}
         self.body = None
         self.body_done = False
@@ -1232,6 +1233,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         action, result, response = None, None, None
         try:
             function, params, action = match_route(self.command, path)
+            request.deployment = params.get("name")
             result = function(self.app, request, **params)
             response = result if isinstance(result, Response) else json_response(200, result)
         except ClientGone as exc:
@@ -1274,7 +1276,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             path=request.path, status=status, duration_ms=int(seconds * 1000)))
         if action not in MUTATING:
             return
-        name = request.path.rstrip("/").split("/")[-1 if action == "delete" else -2]
+        name = request.deployment
         received = request.body.received if request.body else None
         result = result if isinstance(result, dict) else {}
         running = (result.get("deployment") or result).get("image_id")
