@@ -59,6 +59,8 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Python < 3.10 lacks the 
 MAX_CHUNK_LINE = 1024          # a chunk-size line longer than this is not HTTP
 LOG_TAIL_LINES = 20            # lines of a failed container's log sent to the client
 MAX_LOG_TAIL = 10000
+LINGER_SECONDS = 2             # how long a closing connection drains unread bytes
+LINGER_BYTES = 1 << 20
 POLL_SECONDS = 0.25            # how often the health gate looks at a new container
 
 # A deployment name is a container name and an image repository component, so
@@ -360,6 +362,8 @@ class Docker:
 
     def inspect(self, kind, names):
         """{name: docker's JSON} for the containers or images that exist among `names`."""
+        if not names:
+            return {}
         try:
             done = subprocess.run(self._argv([kind, "inspect"] + list(names)),
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -1182,6 +1186,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def version_string(self):
         return self.server_version
 
+    linger = False      # set when the connection closes with request bytes unread
+
     def setup(self):
         super().setup()
         self.app = self.server.app
@@ -1248,6 +1254,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.headers.get("Content-Length", "0").strip() not in ("", "0"))
         if response is None or (declared and not request.body_done):
             self.close_connection = True
+            self.linger = response is not None
         if response is not None:
             self.send(response)
         self.record(request, action, response, result, time.monotonic() - started)
@@ -1302,6 +1309,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors found by http.server's own parsing, answered in JSON like the rest."""
         self.close_connection = True
+        self.linger = True
         text = message or http.HTTPStatus(code).phrase
         body = (json.dumps({"error": text}) + "\n").encode()
         try:
@@ -1332,6 +1340,27 @@ def _shutdown(sock, how=socket.SHUT_RDWR):
     # under the feet of the thread that is reading from the socket.
     try:
         socket.socket.shutdown(sock, how)
+    except OSError:
+        pass
+
+
+def _linger(sock):
+    """Half-close, then read and drop what the client still sends, for a short while.
+
+    Closing a socket with unread bytes in it makes the kernel send RST, which can
+    destroy the answer before the client has read it (RFC 9112, section 9.6).
+    """
+    _shutdown(sock, socket.SHUT_WR)
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_BYTES and time.monotonic() < deadline:
+            sock.settimeout(max(deadline - time.monotonic(), 0.01))
+            # socket.socket's recv: the raw bytes, no TLS work to throw them away.
+            data = socket.socket.recv(sock, 65536)
+            if not data:
+                break
+            drained += len(data)
     except OSError:
         pass
 
@@ -1381,7 +1410,9 @@ class Server(http.server.ThreadingHTTPServer):
                 return
             finally:
                 deadline.cancel()
-            self.RequestHandlerClass(tls, client_address, self)
+            handler = self.RequestHandlerClass(tls, client_address, self)
+            if handler.linger:
+                _linger(tls)
         except OSError as exc:
             log.debug("connection with %s ended: %s", client_address[0], exc)
         finally:
