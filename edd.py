@@ -308,6 +308,10 @@ def make_ssl_context(config):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
+    # A read side shut down under TLS (SIGTERM aborting an upload) must still let
+    # edd send its answer; OpenSSL 3 otherwise makes that EOF fatal. HTTP framing
+    # still notices a body that was cut short.
+    context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 1 << 7)
     try:
         context.load_cert_chain(config.server_cert, config.server_key)
     except (ssl.SSLError, OSError) as exc:
@@ -831,6 +835,7 @@ class App:
             return False
         if config.listen != self.config.listen:
             log.warning("listen changed to %s:%d; that takes a restart", *config.listen)
+            config = dataclasses.replace(config, listen=self.config.listen)
         self.config, self.ssl_context = config, context
         self.deployer = Deployer(Docker(config.docker))
         log.info("reloaded %s: %d deployments", config.path, len(config.deployments))
