@@ -1,0 +1,766 @@
+"""Shared fixtures for edd's tests: a test PKI, tiny busybox images, a running edd.
+
+Fixture API (keep these names stable; other test files use them):
+
+    pki                       session: PKI made with the openssl CLI
+        .dir .ca .ca_key .other_ca .server_cert .server_key
+        .client(name) -> (crt, key)   alice, bob, mallory, expired, future
+        .make_client(name, cn=None, san=None, issuer="ca", startdate=None, enddate=None)
+    docker                    session: skip (fail with EDD_REQUIRE_DOCKER=1) without an engine
+    @pytest.mark.docker       applies the `docker` fixture to a test
+    make_image(tag, content=..., cmd=None, healthcheck=None, exits=False, gzip=False)
+                              session-cached `docker save` archive (Path); the image is
+                              removed from the engine after saving, so a push really loads it.
+        .image_id(path)       the sha256:... id of the image in that archive
+        .multi([(tag, content), ...], gzip=False)   one archive holding several images
+    edd_factory               .start(deployments=[...], **toplevel) -> Edd
+                              .deployment(name=None, port=None, args=(), **settings)
+                              -> Deployment: a dict with .name and .port (container port
+                              8000 published on 127.0.0.1:port); settle_seconds 0.5 unless
+                              given (None leaves it out). Teardown stops every edd and
+                              removes the deployments' containers and edd/<name> images.
+    module_edd_factory        the same, shared by a module's tests
+    Edd                       .port .url .proc .config .config_path .log() .stop() .kill()
+                              .reload(new_config) .relaunch()
+    curl(edd, method, path, *, cert="alice", upload=None, chunked=True, headers=(), extra=())
+                              -> Response(status, headers, body, json) using the real curl
+    https_request(edd, method, path, *, cert="alice", body=None, headers=None) -> Response
+    tls_connect(edd, cert="alice") -> ssl.SSLSocket, for raw framing
+    fetch(port, path="/", timeout=10) -> str    what the container serves (retries)
+    unreachable(port) -> bool                   nothing answers HTTP on that port
+    free_port(), unique_name(), run_tag(repo, version="v1") (a per-session image tag)
+    docker_cli(*args, check=True) -> CompletedProcess   (text, captured)
+    container_state(name), container_labels(name), image_id(ref), wait_for(predicate),
+    read_response(sock), client_context(pki, cert)
+    HTTPD_CMD, PROMPT_STOP_CMD (the default CMD), EXITS_CMD, HEALTHY_CHECK, FAILING_CHECK
+
+Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
+"""
+
+import collections
+import fcntl
+import gzip as gzip_module
+import http.client
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EDD = REPO / "edd.py"
+BUSYBOX = Path(os.environ.get("EDD_TEST_BUSYBOX", "/usr/bin/busybox"))
+
+# busybox httpd as PID 1 ignores SIGTERM (PID 1 gets no default signal
+# handlers), so every `docker stop` would wait its full 10 s timeout. The test
+# images therefore run httpd under a shell that exits on TERM, which keeps the
+# suite fast; HTTPD_CMD is the plain command for tests that want the slow kind.
+HTTPD_CMD = ["/bin/busybox", "httpd", "-f", "-p", "8000", "-h", "/www"]
+PROMPT_STOP_CMD = ["/bin/busybox", "sh", "-c",
+                   "trap 'exit 0' TERM; /bin/busybox httpd -f -p 8000 -h /www & wait"]
+EXITS_CMD = ["/bin/busybox", "false"]
+# HEALTHCHECK instructions: `docker import --change` accepts HEALTHCHECK on this
+# engine (20.10; checked by hand), so no Dockerfile build or hand-written
+# archive is needed. --start-period must not be given as 0 (docker rejects it).
+HEALTHY_CHECK = ('HEALTHCHECK --interval=1s --timeout=2s --retries=3 '
+                 'CMD ["/bin/busybox", "wget", "-q", "-O-", "http://127.0.0.1:8000/"]')
+FAILING_CHECK = ('HEALTHCHECK --interval=1s --timeout=2s --retries=2 '
+                 'CMD ["/bin/busybox", "false"]')
+
+STARTUP_SECONDS = 15
+IMAGE_LOCK = "/tmp/edd-test-images.lock"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "docker: needs a Docker engine (skipped without one, "
+                   "a failure when EDD_REQUIRE_DOCKER=1)")
+
+
+@pytest.fixture(autouse=True)
+def _docker_marker(request):
+    if request.node.get_closest_marker("docker"):
+        request.getfixturevalue("docker")
+
+
+# ---------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------
+
+def free_port():
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def unique_name(prefix="t"):
+    """A fresh deployment name: valid for docker and unlikely to collide."""
+    return "%s-%s" % (prefix, secrets.token_hex(4))
+
+
+RUN_ID = secrets.token_hex(3)
+
+
+def run_tag(repo, version="v1"):
+    """repo-<RUN_ID>:version, the same for the whole session.
+
+    make_image uses tags verbatim, and a push re-creates an archive's tag in
+    the engine; two test sessions sharing one engine (a developer and CI) would
+    otherwise steal each other's tags and leave dangling images behind."""
+    return "%s-%s:%s" % (repo, RUN_ID, version)
+
+
+def docker_cli(*args, check=True, timeout=120, **kwargs):
+    """Run the docker CLI; on failure with check=True, raise with its stderr."""
+    proc = subprocess.run(["docker"] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=timeout, **kwargs)
+    if check and proc.returncode != 0:
+        raise AssertionError("docker %s failed (%d): %s"
+                             % (" ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
+    return proc
+
+
+def wait_for(predicate, timeout=10.0, interval=0.1, message="condition"):
+    """Poll predicate() until it returns a true value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, message))
+        time.sleep(interval)
+
+
+def _http_get(port, path, timeout):
+    # An explicit opener without proxies: a stray http_proxy must not reroute loopback.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open("http://127.0.0.1:%d%s" % (port, path), timeout=timeout) as reply:
+        return reply.read().decode("utf-8", "replace")
+
+
+def fetch(port, path="/", timeout=10):
+    """GET http://127.0.0.1:port/path, retrying until it answers 200; return the text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _http_get(port, path, timeout=3)
+        except (OSError, http.client.HTTPException) as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError("nothing served on 127.0.0.1:%d%s within %ss: %r"
+                                     % (port, path, timeout, exc))
+            time.sleep(0.2)
+
+
+def unreachable(port, path="/"):
+    """True when an HTTP GET to 127.0.0.1:port gets no answer (refused, reset, ...)."""
+    try:
+        _http_get(port, path, timeout=2)
+    except (OSError, http.client.HTTPException):
+        return True
+    return False
+
+
+def container_state(name):
+    """docker's status of the container called exactly `name`, or None."""
+    proc = docker_cli("inspect", "--type", "container", "--format", "{{.State.Status}}",
+                      name, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def image_id(ref):
+    """The sha256:... id that `ref` points to, or None."""
+    proc = docker_cli("image", "inspect", "--format", "{{.Id}}", ref, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def container_labels(name):
+    proc = docker_cli("inspect", "--type", "container", "--format",
+                      "{{json .Config.Labels}}", name, check=False)
+    return json.loads(proc.stdout) or {} if proc.returncode == 0 else None
+
+
+# ---------------------------------------------------------------------------
+# PKI (openssl CLI)
+# ---------------------------------------------------------------------------
+
+CA_CONFIG = """\
+[ ca ]
+default_ca = test_ca
+
+[ test_ca ]
+dir = {dir}
+database = $dir/index.txt
+new_certs_dir = $dir/newcerts
+serial = $dir/serial
+certificate = $dir/cert.crt
+private_key = $dir/cert.key
+default_md = sha256
+default_days = 365
+policy = policy_any
+unique_subject = no
+copy_extensions = none
+email_in_dn = no
+
+[ policy_any ]
+commonName = supplied
+"""
+
+
+def _openssl(*args, cwd):
+    proc = subprocess.run(["openssl"] + list(args), cwd=str(cwd), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    if proc.returncode != 0:
+        raise AssertionError("openssl %s: %s" % (" ".join(args), proc.stderr))
+    return proc.stdout
+
+
+class Pki:
+    """A throwaway PKI: a CA, a server cert, and client certs, as files in `dir`."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self._clients = {}
+        self.ca, self.ca_key = self._make_ca("ca", "edd test CA")
+        self.other_ca, self.other_ca_key = self._make_ca("other-ca", "some other CA")
+        self.server_cert, self.server_key = self._issue(
+            "server", "localhost", "ca",
+            ["basicConstraints=critical,CA:FALSE",
+             "keyUsage=critical,digitalSignature,keyEncipherment",
+             "extendedKeyUsage=serverAuth",
+             "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        self.make_client("alice")
+        self.make_client("bob", san="DNS:bob.example,email:bob@example.com")
+        self.make_client("mallory", issuer="other-ca")
+        self.make_client("expired", startdate="20200101000000Z", enddate="20210101000000Z")
+        self.make_client("future", startdate="20400101000000Z", enddate="20410101000000Z")
+
+    def client(self, name):
+        """(certificate path, key path) of a client made by make_client."""
+        return self._clients[name]
+
+    def make_client(self, name, cn=None, san=None, issuer="ca", startdate=None, enddate=None,
+                    eku="clientAuth"):
+        extensions = ["basicConstraints=critical,CA:FALSE",
+                      "keyUsage=critical,digitalSignature,keyEncipherment",
+                      "extendedKeyUsage=%s" % eku]
+        if san:
+            extensions.append("subjectAltName=%s" % san)
+        self._clients[name] = self._issue(name, cn or name, issuer, extensions,
+                                          startdate, enddate)
+        return self._clients[name]
+
+    def _make_ca(self, stem, cn):
+        ca_dir = self.dir / (stem + ".d")
+        (ca_dir / "newcerts").mkdir(parents=True)
+        (ca_dir / "index.txt").write_text("")
+        (ca_dir / "serial").write_text("%s\n" % secrets.token_hex(8))
+        (ca_dir / "ca.cnf").write_text(CA_CONFIG.format(dir=ca_dir))
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", "cert.key", "-out", "cert.crt", "-days", "3650",
+                 "-subj", "/CN=%s" % cn,
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=ca_dir)
+        shutil.copy(str(ca_dir / "cert.crt"), str(self.dir / (stem + ".crt")))
+        shutil.copy(str(ca_dir / "cert.key"), str(self.dir / (stem + ".key")))
+        return self.dir / (stem + ".crt"), self.dir / (stem + ".key")
+
+    def _issue(self, stem, cn, issuer, extensions, startdate=None, enddate=None):
+        """Sign a fresh EC key for CN=cn with `openssl ca` (it takes -startdate/-enddate)."""
+        ca_dir = self.dir / (issuer + ".d")
+        crt, key, csr = (self.dir / (stem + ext) for ext in (".crt", ".key", ".csr"))
+        ext_file = self.dir / (stem + ".ext")
+        ext_file.write_text("[ ext ]\n" + "\n".join(extensions) + "\n")
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=%s" % cn,
+                 cwd=self.dir)
+        validity = []
+        if startdate:
+            validity += ["-startdate", startdate]
+        if enddate:
+            validity += ["-enddate", enddate]
+        else:
+            validity += ["-days", "365"]
+        _openssl("ca", "-batch", "-notext", "-config", str(ca_dir / "ca.cnf"),
+                 "-in", str(csr), "-out", str(crt), "-extfile", str(ext_file),
+                 "-extensions", "ext", *validity, cwd=self.dir)
+        return crt, key
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory):
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+# ---------------------------------------------------------------------------
+# Docker engine gate and test images
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def docker():
+    """The engine answers `docker info`, or the test is skipped (failed when required)."""
+    try:
+        proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=30)
+        problem = None if proc.returncode == 0 else (proc.stderr.strip() or "docker info failed")
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = "docker info: %s" % exc
+    if problem:
+        if os.environ.get("EDD_REQUIRE_DOCKER") == "1":
+            pytest.fail("EDD_REQUIRE_DOCKER=1 but no Docker engine: %s" % problem, pytrace=False)
+        pytest.skip("no Docker engine: %s" % problem)
+    return proc.stdout.strip()
+
+
+def _rootfs_tar(content):
+    """A rootfs: /bin/busybox (+ /bin/sh) and /www/index.html holding `content`."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        def add_dir(path):
+            info = tarfile.TarInfo(path)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        def add_file(path, data, mode=0o644):
+            info = tarfile.TarInfo(path)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+        for directory in ("bin", "www", "tmp"):
+            add_dir(directory)
+        add_file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+        for applet in ("sh", "wget", "httpd"):
+            link = tarfile.TarInfo("bin/" + applet)
+            link.type, link.linkname, link.mode = tarfile.SYMTYPE, "busybox", 0o777
+            tar.addfile(link)
+        add_file("www/index.html", content.encode())
+    return out.getvalue()
+
+
+class ImageFactory:
+    """Builds `docker save` archives of tiny busybox images, once per session."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self._cache = {}
+        self._ids = {}
+        self.tags = set()
+
+    def __call__(self, tag, content="hello from edd tests", cmd=None, healthcheck=None,
+                 exits=False, gzip=False):
+        key = (tag, content, tuple(cmd or ()), healthcheck, exits, gzip)
+        if key not in self._cache:
+            if exits:
+                cmd = EXITS_CMD
+            changes = ["CMD " + json.dumps(cmd or PROMPT_STOP_CMD)]
+            if healthcheck:
+                changes.append(healthcheck)
+            self._cache[key] = self._build([(tag, content, changes)], gzip)
+        return self._cache[key]
+
+    def multi(self, images, gzip=False):
+        """One archive holding several images: images = [(tag, content), ...]."""
+        key = ("multi", tuple(images), gzip)
+        if key not in self._cache:
+            specs = [(tag, content, ["CMD " + json.dumps(PROMPT_STOP_CMD)])
+                     for tag, content in images]
+            self._cache[key] = self._build(specs, gzip)
+        return self._cache[key]
+
+    def image_id(self, archive):
+        """The sha256:... id of the (first) image in an archive made here."""
+        return self._ids[Path(archive)][0]
+
+    def image_ids(self, archive):
+        return list(self._ids[Path(archive)])
+
+    def _build(self, specs, gzip):
+        archive = self.dir / ("image-%s.tar%s" % (secrets.token_hex(4), ".gz" if gzip else ""))
+        tags = [tag if ":" in tag.rsplit("/", 1)[-1] else tag + ":latest"
+                for tag, _, _ in specs]
+        self.tags.update(tags)
+        # Other test sessions may share this engine: hold a lock from import to
+        # rmi so that nobody retags one of our tags in between.
+        with open(IMAGE_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ids = []
+            for (tag, content, changes), ref in zip(specs, tags):
+                argv = ["import"]
+                for change in changes:
+                    argv += ["--change", change]
+                proc = subprocess.run(["docker"] + argv + ["-", ref], input=_rootfs_tar(content),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
+                if proc.returncode != 0:
+                    raise AssertionError("docker import %s: %s" % (ref, proc.stderr.decode()))
+                ids.append(image_id(ref))
+            saved = self.dir / "saving.tar"
+            docker_cli("save", "-o", saved, *tags)
+            docker_cli("rmi", *tags)
+        if gzip:
+            with open(str(saved), "rb") as src, gzip_module.open(str(archive), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            saved.unlink()
+        else:
+            saved.rename(archive)
+        self._ids[archive] = ids
+        return archive
+
+
+@pytest.fixture(scope="session")
+def make_image(docker, tmp_path_factory):
+    factory = ImageFactory(tmp_path_factory.mktemp("images"))
+    yield factory
+    # Pushes re-create the archive's own tags through `docker load`; drop them.
+    if factory.tags:
+        docker_cli("rmi", "-f", *sorted(factory.tags), check=False)
+
+
+# ---------------------------------------------------------------------------
+# A running edd
+# ---------------------------------------------------------------------------
+
+class Deployment(dict):
+    """A deployment's config entry that also knows its name and published host port."""
+
+    @property
+    def name(self):
+        return self["name"]
+
+    port = None
+
+
+class Edd:
+    """One edd process started from a config file in a test's tmp_path."""
+
+    def __init__(self, factory, config, config_path, log_path):
+        self.factory = factory
+        self.config = config
+        self.config_path = Path(config_path)
+        self.log_path = Path(log_path)
+        self.proc = None
+        self.port = int(config["listen"].rsplit(":", 1)[1])
+        self.url = "https://127.0.0.1:%d" % self.port
+
+    def launch(self):
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(str(self.log_path), "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(EDD), "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                cwd=str(self.config_path.parent))
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError("edd exited with %s at startup:\n%s"
+                                     % (self.proc.returncode, self.log()))
+            if "listening" in self.log()[self._log_offset:] and self._accepts():
+                return self
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError("edd did not start listening within %ss:\n%s"
+                                     % (STARTUP_SECONDS, self.log()))
+            time.sleep(0.05)
+
+    def _accepts(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def log(self):
+        """Everything this edd (and earlier launches with the same log) wrote so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout=20):
+        """SIGTERM and wait; return the exit code."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def kill(self):
+        """SIGKILL, as a crash would."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def relaunch(self):
+        """Start edd again with the same config file (after stop or kill)."""
+        assert self.proc is None or self.proc.poll() is not None, "edd still running"
+        return self.launch()
+
+    def reload(self, new_config):
+        """Rewrite the config file and send SIGHUP."""
+        new_config = dict(new_config)
+        new_config.setdefault("listen", self.config["listen"])    # same port unless told
+        self.config = self.factory._complete(new_config)
+        self.factory._track(self.config)
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        self.proc.send_signal(signal.SIGHUP)
+
+
+class EddFactory:
+    def __init__(self, tmp_path, pki):
+        self.tmp_path = Path(tmp_path)
+        self.pki = pki
+        self.instances = []
+        self.names = set()
+
+    def deployment(self, name=None, **settings):
+        """A deployment publishing container port 8000 on 127.0.0.1:<free port>.
+
+        settle_seconds defaults to 0.5 to keep the suite fast; pass
+        settle_seconds=None to leave it out (edd's default applies)."""
+        settings.setdefault("settle_seconds", 0.5)
+        port = settings.pop("port", None) or free_port()
+        entry = Deployment(name=name or unique_name())
+        entry["args"] = ["-p", "127.0.0.1:%d:8000" % port] + list(settings.pop("args", []))
+        entry.update((k, v) for k, v in settings.items() if v is not None)
+        entry.port = port
+        self.names.add(entry.name)
+        return entry
+
+    def _complete(self, config):
+        config = dict(config)
+        config.setdefault("listen", "127.0.0.1:%d" % free_port())
+        config.setdefault("server_cert", str(self.pki.server_cert))
+        config.setdefault("server_key", str(self.pki.server_key))
+        config.setdefault("client_ca", str(self.pki.ca))
+        config.setdefault("deployments", [])
+        return config
+
+    def _track(self, config):
+        for entry in config.get("deployments", []):
+            if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+                self.names.add(entry["name"])
+
+    def start(self, deployments=(), **toplevel):
+        """Write a config (the test PKI, a free loopback port) and start edd on it."""
+        number = len(self.instances)
+        config = self._complete(dict(toplevel, deployments=list(deployments)))
+        self._track(config)
+        config_path = self.tmp_path / ("edd-%d.json" % number)
+        config_path.write_text(json.dumps(config, indent=2))
+        edd = Edd(self, config, config_path, self.tmp_path / ("edd-%d.log" % number))
+        self.instances.append(edd)
+        return edd.launch()
+
+    def cleanup(self):
+        for edd in self.instances:
+            edd.stop()
+        remove_deployment_objects(self.names)
+
+
+def remove_deployment_objects(names):
+    """Remove every container and edd image of these deployments (quietly).
+
+    Two listing calls for all names, then removals only if something is left:
+    teardown runs after every test, so it must be cheap."""
+    names = set(names)
+    if not names:
+        return
+    try:
+        listing = docker_cli("ps", "-a", "--format", '{{.Names}}\t{{.Label "edd.deployment"}}',
+                             check=False)
+    except OSError:         # no docker CLI at all: nothing can have been created
+        return
+    if listing.returncode != 0:
+        return
+    containers = []
+    for line in listing.stdout.splitlines():
+        container, _, label = line.partition("\t")
+        if label in names or container in names or \
+                container.endswith(".edd-old") and container[:-8] in names:
+            containers.append(container)
+    if containers:
+        docker_cli("rm", "-f", *containers, check=False)
+    refs = [ref for ref in docker_cli("images", "--format", "{{.Repository}}:{{.Tag}}",
+                                      check=False).stdout.split()
+            if ref.startswith("edd/") and ref[4:].split(":")[0] in names]
+    if refs:
+        docker_cli("rmi", "-f", *refs, check=False)
+
+
+@pytest.fixture
+def edd_factory(tmp_path, pki):
+    """Start edd processes for one test; all are stopped and cleaned up after it."""
+    factory = EddFactory(tmp_path, pki)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture(scope="module")
+def module_edd_factory(tmp_path_factory, pki):
+    """Like edd_factory, shared by a module's tests (for read-only checks)."""
+    factory = EddFactory(tmp_path_factory.mktemp("edd"), pki)
+    yield factory
+    factory.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# Clients: the real curl, http.client, raw TLS sockets
+# ---------------------------------------------------------------------------
+
+Response = collections.namedtuple(
+    "Response", "status headers body json returncode stderr elapsed")
+Response.__doc__ = """status 0 means no HTTP response at all (see returncode/stderr)."""
+
+
+def _decode_json(body):
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _base_url(edd):
+    return edd if isinstance(edd, str) else edd.url
+
+
+def _pki_of(edd):
+    return edd.factory.pki
+
+
+def _parse_header_dump(text):
+    """The last response's headers from curl -D (skipping 100 Continue blocks)."""
+    blocks = [b for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
+    headers = {}
+    if blocks:
+        for line in blocks[-1].split("\n")[1:]:
+            if ":" in line:
+                key, value = line.split(":", 1)
+                headers[key.strip().lower()] = value.strip()
+    return headers
+
+
+def curl(edd, method, path, *, cert="alice", upload=None, chunked=True, headers=(),
+         extra=(), timeout=180, pki=None):
+    """Run the real curl the way the README's push does; return a Response.
+
+    upload: a file path. chunked=True pipes it to `curl -T -` through a pipe
+    (exactly `docker save ... | curl -T -`: chunked + Expect: 100-continue);
+    chunked=False uses `-T FILE`, which sends Content-Length."""
+    pki = pki or _pki_of(edd)
+    work = Path(edd.config_path.parent if not isinstance(edd, str) else "/tmp")
+    token = secrets.token_hex(4)
+    head_file, body_file = work / ("curl-%s.head" % token), work / ("curl-%s.body" % token)
+    argv = ["curl", "-sS", "--noproxy", "*", "--cacert", str(pki.ca)]
+    if cert:
+        crt, key = pki.client(cert)
+        argv += ["--key", str(key), "--cert", str(crt)]
+    argv += ["-X", method]
+    for header in headers:
+        argv += ["-H", header]
+    stdin = subprocess.DEVNULL
+    if upload is not None:
+        argv += ["-H", "Content-Type:application/x-tar"]
+        argv += ["-T", "-"] if chunked else ["-T", str(upload)]
+        if chunked:
+            stdin = subprocess.PIPE
+    argv += ["-D", str(head_file), "-o", str(body_file), "-w", "%{http_code}"]
+    argv += list(extra)
+    argv.append(_base_url(edd) + path)
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    feeder = None
+    if stdin == subprocess.PIPE:
+        def feed():
+            try:
+                with open(str(upload), "rb") as src:
+                    shutil.copyfileobj(src, proc.stdin, 65536)
+            except BrokenPipeError:
+                pass
+            finally:
+                try:
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+    try:
+        # Not communicate(): it would also write/close stdin that `feed` owns.
+        stdout = proc.stdout.read()
+        stderr = proc.stderr.read()
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    elapsed = time.monotonic() - started
+    if feeder:
+        feeder.join(10)
+    body = body_file.read_bytes().decode("utf-8", "replace") if body_file.exists() else ""
+    head = head_file.read_text(errors="replace") if head_file.exists() else ""
+    for leftover in (head_file, body_file):
+        if leftover.exists():
+            leftover.unlink()
+    try:
+        status = int(stdout.decode().strip() or 0)
+    except ValueError:
+        status = 0
+    return Response(status, _parse_header_dump(head), body, _decode_json(body),
+                    proc.returncode, stderr.decode("utf-8", "replace"), elapsed)
+
+
+def client_context(pki, cert="alice"):
+    """An ssl context that trusts the test CA and presents `cert` (None: no cert)."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if cert:
+        crt, key = pki.client(cert)
+        context.load_cert_chain(str(crt), str(key))
+    return context
+
+
+def https_request(edd, method, path, *, cert="alice", body=None, headers=None, timeout=60,
+                  encode_chunked=False):
+    """One request with http.client over mutual TLS; return a Response."""
+    context = client_context(_pki_of(edd), cert)
+    conn = http.client.HTTPSConnection("127.0.0.1", edd.port, context=context, timeout=timeout)
+    started = time.monotonic()
+    try:
+        conn.request(method, path, body=body, headers=dict(headers or {}),
+                     encode_chunked=encode_chunked)
+        reply = conn.getresponse()
+        raw = reply.read()
+        text = raw.decode("utf-8", "replace")
+        return Response(reply.status, {k.lower(): v for k, v in reply.getheaders()}, text,
+                        _decode_json(text), 0, "", time.monotonic() - started)
+    finally:
+        conn.close()
+
+
+def tls_connect(edd, cert="alice", timeout=10):
+    """A raw TLS socket to edd (handshake done) for hand-made HTTP framing."""
+    context = client_context(_pki_of(edd), cert)
+    sock = socket.create_connection(("127.0.0.1", edd.port), timeout=timeout)
+    return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def read_response(sock):
+    """Read one HTTP response from a socket (until the server closes or the body ends)."""
+    reply = http.client.HTTPResponse(sock)
+    reply.begin()
+    raw = reply.read()
+    text = raw.decode("utf-8", "replace")
+    return Response(reply.status, {k.lower(): v for k, v in reply.getheaders()}, text,
+                    _decode_json(text), 0, "", 0.0)
