@@ -913,15 +913,18 @@ class LengthBody:
     def readinto(self, view):
         """Fill `view` with the body's next bytes; return how many (0 at the end)."""
         want = min(len(view), self.left)
-        if want == 0:
-            return 0
-        got = self.rfile.readinto(view[:want])
-        if not got:
-            raise ClientGone("the client closed the connection after %d of %d bytes"
-                             % (self.received, self.received + self.left))
-        self.left -= got
-        self.received += got
-        return got
+        filled = 0
+        while filled < want:
+            # readinto1, one socket read at a time: what has arrived is counted
+            # even when the next read times out.
+            got = self.rfile.readinto1(view[filled:want])
+            if not got:
+                raise ClientGone("the client closed the connection after %d of %d bytes"
+                                 % (self.received, self.received + self.left))
+            filled += got
+            self.left -= got
+            self.received += got
+        return filled
 
 
 class ChunkedBody:
@@ -945,7 +948,7 @@ class ChunkedBody:
                     self.done = True
                     break
             want = min(len(view) - filled, self.chunk_left)
-            got = self.rfile.readinto(view[filled:filled + want])
+            got = self.rfile.readinto1(view[filled:filled + want])
             if not got:
                 raise ClientGone("the client closed the connection inside a chunk")
             filled += got
@@ -1183,6 +1186,18 @@ class Request:
             yield view[:count]
 
 
+class _LastLine:
+    """An rfile that remembers the last line read from it, to see how a head ended."""
+
+    def __init__(self, rfile):
+        self.rfile = rfile
+        self.last = None
+
+    def readline(self, size=-1):
+        self.last = self.rfile.readline(size)
+        return self.last
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Parses requests and writes responses; route functions do the rest."""
     protocol_version = "HTTP/1.1"
@@ -1216,12 +1231,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._deadline.cancel()
 
     def parse_request(self):
-        parsed = super().parse_request()
-        self._deadline.cancel()
-        if parsed and self.request_version == "HTTP/0.9":
-            self.send_error(400, "HTTP/0.9 requests are not supported")
+        rfile = self.rfile
+        self.rfile = head = _LastLine(rfile)
+        try:
+            parsed = super().parse_request()
+        finally:
+            self.rfile = rfile
+            self._deadline.cancel()
+        if not parsed:
             return False
-        return parsed
+        if head.last not in (b"\r\n", b"\n"):
+            # http.client takes end of file for the end of the headers: a client
+            # that hung up, or was cut off by the deadline, must not be obeyed.
+            self.close_connection = True
+            return False
+        if self.request_version == "HTTP/0.9" or len(self.requestline.split(" ")) != 3:
+            self.send_error(400, "malformed request line")
+            return False
+        return True
 
     def handle_expect_100(self):
         # 100 Continue goes out only once the upload is accepted (route, identity,
@@ -1259,8 +1286,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("id=%s unexpected error", request.id)
             response = json_response(500, {"error": "internal error; edd's log has the "
                                                     "details (request %s)" % request.id})
-        declared = (self.headers.get("Transfer-Encoding") or
-                    self.headers.get("Content-Length", "0").strip() not in ("", "0"))
+        declared = (self.headers.get_all("Transfer-Encoding") or
+                    any(v.strip() != "0" for v in self.headers.get_all("Content-Length", [])))
         if response is None or (declared and not request.body_done):
             self.close_connection = True
             self.linger = response is not None
