@@ -554,14 +554,22 @@ class Deployer:
 
         A container of that name that edd did not create is never touched: Conflict.
         """
-        name = name or deployment.container
-        container = self.docker.container(name)
-        if container is not None and not _owned(deployment, container):
-            raise Conflict(
-                "container %r exists but edd did not create it (it lacks the label "
-                "%s=%s); remove or rename it by hand, e.g. `docker rename %s %s.manual`"
-                % (name, LABEL, deployment.name, name, name))
-        return container
+        return self._owned_containers(deployment, [name or deployment.container])[0]
+
+    def _owned_containers(self, deployment, names):
+        """docker's JSON (or None) for each of `names`, asked of docker in one call."""
+        found = self.docker.inspect("container", names)
+        for name, container in found.items():
+            if not _owned(deployment, container):
+                raise Conflict(
+                    "container %r exists but edd did not create it (it lacks the label "
+                    "%s=%s); remove or rename it by hand, e.g. `docker rename %s %s.manual`"
+                    % (name, LABEL, deployment.name, name, name))
+        return [found.get(name) for name in names]
+
+    def _old_and_parked(self, deployment):
+        return self._owned_containers(deployment, [deployment.container,
+                                                   deployment.parked_container])
 
     def logs(self, deployment, tail):
         if self.owned_container(deployment) is None:
@@ -626,10 +634,12 @@ class Deployer:
         it, wait for the gate. On success the parked container is removed and the
         old current image becomes previous; on any failure the new container is
         removed, the tag and the parked container are put back as they were, and
-        DeployFailed says so. Return the deployment's new state.
+        the EddError raised says so, with "restored": true. Return the new state.
         """
-        self.recover(deployment)
-        old = self.owned_container(deployment)
+        old, parked = self._old_and_parked(deployment)
+        if parked is not None:
+            self.recover(deployment, (old, parked))
+            old = self.owned_container(deployment)
         old_running = bool(old and (old.get("State") or {}).get("Running"))
         current_id = self.docker.image_id(deployment.tag("current"))
         steps = []                  # what has been done, for the undo
@@ -643,7 +653,7 @@ class Deployer:
             self.docker.run("tag", image_id, deployment.tag("current"))
             steps.append("tagged")
             self._run_container(deployment)
-            self._gate(deployment)
+            container = self._gate(deployment)
         except Exception as exc:
             container_log = self._undo(deployment, steps, current_id, old_running)
             before = ("the previous container runs again" if old_running else
@@ -658,11 +668,11 @@ class Deployer:
             # edd removes only images it replaced itself, never a global prune.
             self.docker.run_quietly("rmi", deployment.tag("previous"))
             self.docker.run_quietly("tag", current_id, deployment.tag("previous"))
-        return self.describe(deployment)
+        return describe(deployment, container)
 
     def _gate(self, deployment):
-        """Return once the new container has run settle_seconds (and is healthy if the
-        image has a HEALTHCHECK); raise EddError when it exits or turns unhealthy."""
+        """Return docker's JSON of the new container once it has run settle_seconds (and
+        is healthy if the image has a HEALTHCHECK); raise EddError if it exits or is not."""
         started = time.monotonic()
         while True:
             container = self.docker.container(deployment.container) or {}
@@ -676,7 +686,7 @@ class Deployer:
             if health == "unhealthy":
                 raise EddError("the new container's health check failed", status=502)
             if waited >= deployment.settle_seconds and health in (None, "healthy"):
-                return
+                return container
             if health == "starting" and waited >= deployment.health_timeout_seconds:
                 raise EddError("the new container was not healthy within %g s"
                                % deployment.health_timeout_seconds, status=502)
@@ -702,15 +712,15 @@ class Deployer:
             self.docker.run_quietly("start", deployment.container)
         return container_log
 
-    def recover(self, deployment):
+    def recover(self, deployment, old_and_parked=None):
         """Finish a swap that edd was killed in the middle of: put the parked container
         back, running, and point the current tag at its image. Return True if it did."""
-        parked = self.owned_container(deployment, deployment.parked_container)
+        new, parked = old_and_parked or self._old_and_parked(deployment)
         if parked is None:
             return False
         log.warning("deployment %s: found parked container %s from an interrupted "
                     "swap; restoring it", deployment.name, deployment.parked_container)
-        if self.owned_container(deployment) is not None:
+        if new is not None:
             self.docker.run("rm", "-f", deployment.container)
         self.docker.run("tag", parked["Image"], deployment.tag("current"))
         self.docker.run("rename", deployment.parked_container, deployment.container)
