@@ -612,9 +612,9 @@ class Deployer:
             raise Conflict("deployment %r has no container; push an image first"
                            % deployment.name)
 
-    def _run_container(self, deployment):
+    def _run_container(self, deployment, verb=("run", "-d")):
         self.docker.run(
-            "run", "-d", "-it", *deployment.args, "--name", deployment.container,
+            *verb, "-it", *deployment.args, "--name", deployment.container,
             "--label", "%s=%s" % (LABEL, deployment.name), deployment.tag("current"),
             *deployment.command)
 
@@ -630,8 +630,9 @@ class Deployer:
     def deploy(self, deployment, image_id):
         """Replace the deployment's container with one running `image_id`.
 
-        Steps: park the old container (stop, rename), tag the image current, run
-        it, wait for the gate. On success the parked container is removed and the
+        Steps: park the old container (rename it while it still serves), tag the
+        image current, create the new container, stop the old one, start the new
+        one, wait for the gate; the service is down only from stop to start. On success the parked container is removed and the
         old current image becomes previous; on any failure the new container is
         removed, the tag and the parked container are put back as they were, and
         the EddError raised says so, with "restored": true. Return the new state.
@@ -645,14 +646,15 @@ class Deployer:
         steps = []                  # what has been done, for the undo
         try:
             if old is not None:
-                if old_running:
-                    self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
-                                    deployment.container)
                 self.docker.run("rename", deployment.container, deployment.parked_container)
                 steps.append("parked")
             self.docker.run("tag", image_id, deployment.tag("current"))
             steps.append("tagged")
-            self._run_container(deployment)
+            self._run_container(deployment, verb=("create",))
+            if old_running:
+                self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
+                                deployment.parked_container)
+            self.docker.run("start", deployment.container)
             container = self._gate(deployment)
         except Exception as exc:
             container_log = self._undo(deployment, steps, current_id, old_running)
@@ -1211,6 +1213,9 @@ class _LastLine:
 class Handler(http.server.BaseHTTPRequestHandler):
     """Parses requests and writes responses; route functions do the rest."""
     protocol_version = "HTTP/1.1"
+    # Room for whole TLS records (16 KiB each): the default 8 KiB splits them,
+    # half again as many reads per uploaded GiB.
+    rbufsize = 1 << 16
     server_version = "edd/" + __version__
 
     def version_string(self):
