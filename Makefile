@@ -5,6 +5,7 @@
 #   make test        the test suite (needs pytest, and Docker for most tests)
 #   make install     program, systemd unit and /etc/edd/config.json (if absent)
 #   make uninstall   remove program and unit; /etc/edd is left alone
+#   make bench       the benchmark (issue 5); BENCH_ARGS=--full adds 1 GiB
 #
 # install and uninstall honour DESTDIR and PREFIX, e.g.
 #   make install DESTDIR=/tmp/pkgroot PREFIX=/usr
@@ -21,17 +22,24 @@ PKI     ?= pki
 NEWKEY   = openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256
 CERTDAYS = 825
 
-.PHONY: help run certs test install uninstall clean
-# `make bench` arrives with the performance work (issue 5).
+.PHONY: help run certs test bench install uninstall clean
 
 help:
-	@sed -n '3,8s/^# *//p' Makefile
+	@sed -n '3,9s/^# *//p' Makefile
 
 run: certs
 	$(PYTHON) edd.py --config config.example.json
 
 test:
 	$(PYTHON) -m pytest -q tests
+
+# edd against `docker load` locally and over ssh; bench/bench.py says what it
+# measures. Needs root, a Docker engine, curl, openssl, openssh-server and
+# busybox-static. About 3 minutes; BENCH_ARGS=--full adds a 1 GiB image.
+BENCH_ARGS ?=
+
+bench:
+	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 # ---------------------------------------------------------------- dev PKI
 # File targets, so `make certs` only creates what is missing. Each leaf
