@@ -764,3 +764,26 @@ def read_response(sock):
     text = raw.decode("utf-8", "replace")
     return Response(reply.status, {k.lower(): v for k, v in reply.getheaders()}, text,
                     _decode_json(text), 0, "", 0.0)
+
+
+def children(pid):
+    """Command lines of the live child processes of `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid or fields[0] == "Z":
+                continue
+            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
+                found.append(cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def docker_load_running(edd):
+    """Whether edd has a `docker load` child running."""
+    return any(" load" in argv for argv in children(edd.proc.pid))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (FAILING_CHECK, HEALTHY_CHECK, container_labels, container_state,
+from conftest import (docker_load_running, FAILING_CHECK, HEALTHY_CHECK, container_labels, container_state,
                       curl, docker_cli, fetch, image_id, read_response, run_tag,
                       tls_connect, unreachable, wait_for)
 
@@ -76,28 +76,6 @@ def deployed(edd_factory, make_image, archive=None, toplevel=None, **settings):
     if archive is None:
         assert fetch(deployment.port) == V1_TEXT
     return edd, deployment
-
-
-def children(pid):
-    """Command lines of the live child processes of `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != pid or fields[0] == "Z":
-                continue
-            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
-                found.append(cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def docker_load_running(edd):
-    return any(" load" in argv for argv in children(edd.proc.pid))
 
 
 def push_until_not_busy(edd, deployment, archive, timeout=15):

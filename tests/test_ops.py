@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (EDD, client_context, container_state, curl, docker_cli, fetch,
+from conftest import (docker_load_running, EDD, client_context, container_state, curl, docker_cli, fetch,
                       free_port, https_request, image_id, read_response, tls_connect,
                       wait_for)
 
@@ -100,24 +100,6 @@ def deployment_names(edd, cert="alice"):
     reply = https_request(edd, "GET", "/v1/deployments", cert=cert)
     assert reply.status == 200, reply
     return sorted(d["name"] for d in reply.json["deployments"])
-
-
-def children(pid):
-    """Command lines of the live child processes of `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != pid or fields[0] == "Z":
-                continue
-            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
-                found.append(cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
 
 
 def peer_certificate(edd):
@@ -495,7 +477,7 @@ def test_sigterm_aborts_an_upload_and_changes_nothing(edd_factory, make_image):
                   % deployment.name).encode())
     first_part = upload.read_bytes()[:65536]
     sock.sendall(b"%x\r\n%s\r\n" % (len(first_part), first_part))
-    wait_for(lambda: any(" load" in argv for argv in children(edd.proc.pid)),
+    wait_for(lambda: docker_load_running(edd),
              message="docker load to start")
 
     status, seconds = sigterm(edd)

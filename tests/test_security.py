@@ -13,7 +13,6 @@ import datetime
 import email.message
 import io
 import json
-import os
 import random
 import re
 import select
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (client_context, curl, docker_cli, fetch, https_request, read_response,
+from conftest import (docker_load_running, client_context, curl, docker_cli, fetch, https_request, read_response,
                       run_tag, tls_connect, unreachable, wait_for)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,28 +56,6 @@ def start_deployed(edd_factory, make_image, settings=None, others=(), cert="alic
     assert reply.status == 200, reply
     assert fetch(deployment.port) == V1_TEXT
     return edd, deployment
-
-
-def children(pid):
-    """Command lines of the live child processes of `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != pid or fields[0] == "Z":
-                continue
-            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
-                found.append(cmdline.read().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def docker_load_running(edd):
-    return any(" load" in argv for argv in children(edd.proc.pid))
 
 
 def host_state(name):

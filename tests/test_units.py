@@ -25,10 +25,6 @@ def read_all(body, size=7):
         out += bytes(view[:count])
 
 
-def chunked(payload, *pieces):
-    return io.BufferedReader(io.BytesIO(payload)), pieces
-
-
 # -- framing --------------------------------------------------------------
 
 def test_body_length():
