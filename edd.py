@@ -61,7 +61,8 @@ LOG_TAIL_LINES = 20            # lines of a failed container's log sent to the c
 MAX_LOG_TAIL = 10000
 LINGER_SECONDS = 2             # how long a closing connection drains unread bytes
 LINGER_BYTES = 1 << 20
-POLL_SECONDS = 0.25            # how often the health gate looks at a new container
+POLL_SECONDS = 0.25            # how often the gate looks at a settling container
+HEALTH_POLL_SECONDS = 0.5      # and then at one whose HEALTHCHECK is still starting
 
 # A deployment name is a container name and an image repository component, so
 # it must satisfy both of docker's grammars (the container one wants 2+ chars).
@@ -632,10 +633,11 @@ class Deployer:
 
         Steps: park the old container (rename it while it still serves), tag the
         image current, create the new container, stop the old one, start the new
-        one, wait for the gate; the service is down only from stop to start. On success the parked container is removed and the
-        old current image becomes previous; on any failure the new container is
-        removed, the tag and the parked container are put back as they were, and
-        the EddError raised says so, with "restored": true. Return the new state.
+        one, wait for the gate: the service is down only from stop to start. On
+        success the parked container is removed and the old current image becomes
+        previous; on any failure the new container is removed, the tag and the
+        parked container are put back as they were, and the EddError raised says
+        so, with "restored": true. Return the deployment's new state.
         """
         old, parked = self._old_and_parked(deployment)
         if parked is not None:
@@ -658,7 +660,7 @@ class Deployer:
             container = self._gate(deployment)
         except Exception as exc:
             container_log = self._undo(deployment, steps, current_id, old_running)
-            before = ("the previous container runs again" if old_running else
+            before = ("the previous container runs as before" if old_running else
                       "the deployment is as it was")
             raise EddError("deploy failed, %s: %s" % (before, exc),
                            status=getattr(exc, "status", 500), restored=True,
@@ -692,7 +694,8 @@ class Deployer:
             if health == "starting" and waited >= deployment.health_timeout_seconds:
                 raise EddError("the new container was not healthy within %g s"
                                % deployment.health_timeout_seconds, status=502)
-            time.sleep(min(POLL_SECONDS, max(deployment.settle_seconds - waited, 0.05)))
+            settling = deployment.settle_seconds - waited
+            time.sleep(min(POLL_SECONDS, settling) if settling > 0 else HEALTH_POLL_SECONDS)
 
     def _undo(self, deployment, steps, current_id, old_running):
         """Put back what deploy() changed; return the failed container's last log lines."""
