@@ -346,22 +346,23 @@ class Docker:
     def __init__(self, command="docker"):
         self.command = command
 
-    def _argv(self, args):
+    def _call(self, args, timeout, stderr=subprocess.PIPE):
+        """Run docker with `args` to the end; return the CompletedProcess (bytes)."""
         argv = [self.command] + list(args)
         log.debug("docker: %s", " ".join(argv))
-        return argv
-
-    def run(self, *args, timeout=300, check=True):
-        """Run docker with `args`; return its stdout (text). Raise DockerError on failure."""
         try:
-            done = subprocess.run(self._argv(args), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  timeout=timeout)
-        except FileNotFoundError:
-            raise DockerError("docker CLI not found: %s" % self.command) from None
+            return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=stderr, timeout=timeout)
+        except OSError as exc:
+            raise DockerError("cannot run the docker CLI %s: %s"
+                              % (self.command, exc.strerror or exc)) from None
         except subprocess.TimeoutExpired:
             raise DockerError("docker %s took longer than %d s" % (args[0], timeout)) from None
-        if check and done.returncode != 0:
+
+    def run(self, *args, timeout=300):
+        """Run docker with `args`; return its stdout (text). Raise DockerError on failure."""
+        done = self._call(args, timeout)
+        if done.returncode != 0:
             raise DockerError(_docker_message(done.stderr))
         return done.stdout.decode("utf-8", "replace")
 
@@ -369,12 +370,7 @@ class Docker:
         """{name: docker's JSON} for the containers or images that exist among `names`."""
         if not names:
             return {}
-        try:
-            done = subprocess.run(self._argv([kind, "inspect"] + list(names)),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=60)
-        except FileNotFoundError:
-            raise DockerError("docker CLI not found: %s" % self.command) from None
+        done = self._call([kind, "inspect"] + list(names), timeout=60)
         message = _docker_message(done.stderr)
         if done.returncode != 0 and not _is_missing(message):
             raise DockerError(message)
@@ -404,22 +400,21 @@ class Docker:
             return False
 
     def logs(self, name, tail):
-        try:
-            done = subprocess.run(self._argv(["logs", "--tail", str(tail), name]),
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=60)
-        except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-            raise DockerError("docker logs failed: %s" % exc) from None
+        """The container's last `tail` lines of output, stdout and stderr merged."""
+        done = self._call(["logs", "--tail", str(tail), name], timeout=60,
+                          stderr=subprocess.STDOUT)
         return done.stdout.decode("utf-8", "replace")
 
     def start_load(self):
         """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread."""
+        argv = [self.command, "load"]
+        log.debug("docker: %s", " ".join(argv))
         try:
-            process = subprocess.Popen(self._argv(["load"]), stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       bufsize=0)
-        except FileNotFoundError:
-            raise DockerError("docker CLI not found: %s" % self.command) from None
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, bufsize=0)
+        except OSError as exc:
+            raise DockerError("cannot run the docker CLI %s: %s"
+                              % (self.command, exc.strerror or exc)) from None
         try:
             fcntl.fcntl(process.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
