@@ -787,3 +787,14 @@ def children(pid):
 def docker_load_running(edd):
     """Whether edd has a `docker load` child running."""
     return any(" load" in argv for argv in children(edd.proc.pid))
+
+
+def read_all(body, size=7):
+    """Everything a ChunkedBody or LengthBody yields, read `size` bytes at a time."""
+    view = memoryview(bytearray(size))
+    out = b""
+    while True:
+        count = body.readinto(view)
+        if not count:
+            return out
+        out += bytes(view[:count])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (docker_load_running, client_context, curl, docker_cli, fetch, https_request, read_response,
+from conftest import (docker_load_running, read_all, client_context, curl, docker_cli, fetch, https_request, read_response,
                       run_tag, tls_connect, unreachable, wait_for)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -1143,16 +1143,6 @@ def test_fuzz_live_server(edd_factory, make_image):
     assert host_state(closed.name)[1] == []
     assert "Traceback" not in edd.log()
     assert "unexpected error" not in edd.log()
-
-
-def read_all(body, size):
-    view = memoryview(bytearray(size))
-    out = b""
-    while True:
-        count = body.readinto(view)
-        if not count:
-            return out
-        out += bytes(view[:count])
 
 
 def test_fuzz_chunked_body_in_process():

@@ -5,6 +5,7 @@ import io
 import pytest
 
 import edd
+from conftest import read_all
 
 
 def headers(**values):
@@ -13,16 +14,6 @@ def headers(**values):
         for item in value if isinstance(value, list) else [value]:
             message[key.replace("_", "-")] = item
     return message
-
-
-def read_all(body, size=7):
-    view = memoryview(bytearray(size))
-    out = b""
-    while True:
-        count = body.readinto(view)
-        if not count:
-            return out
-        out += bytes(view[:count])
 
 
 # -- framing --------------------------------------------------------------
