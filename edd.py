@@ -1610,8 +1610,9 @@ def check(path):
     except DockerError as exc:
         print("edd: error: docker is not answering: %s" % exc, file=sys.stderr)
         return 1
-    print("edd: %s is valid: %d deployments, TLS files load, docker %s answers"
-          % (path, len(config.deployments), version))
+    count = len(config.deployments)
+    print("edd: %s is valid: %d deployment%s, TLS files load, docker %s answers"
+          % (path, count, "" if count == 1 else "s", version))
     return 0
 
 
