@@ -78,6 +78,18 @@ def deployed(edd_factory, make_image, archive=None, toplevel=None, **settings):
     return edd, deployment
 
 
+def send_half_an_upload(edd, deployment, archive, timeout):
+    """Open a load announcing the whole archive, send half of it and hold the rest
+    back; return the socket, still open."""
+    data = archive.read_bytes()
+    sock = tls_connect(edd, timeout=timeout)
+    sock.sendall(("POST /v1/deployments/%s/load HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  "Content-Type: application/x-tar\r\nContent-Length: %d\r\n\r\n"
+                  % (deployment.name, len(data))).encode())
+    sock.sendall(data[: len(data) // 2])
+    return sock
+
+
 def push_until_not_busy(edd, deployment, archive, timeout=15):
     """Push; while edd still says 409 (cleaning up a previous request), retry."""
     deadline = time.monotonic() + timeout
@@ -304,12 +316,7 @@ def test_upload_cut_short_changes_nothing(edd_factory, make_image, v2, chunked):
 def test_stalled_upload_is_aborted(edd_factory, make_image, v2):
     edd, deployment = deployed(edd_factory, make_image, toplevel={"body_timeout_seconds": 1})
     v1_id = current(deployment)
-    data = v2.read_bytes()
-    sock = tls_connect(edd, timeout=15)
-    sock.sendall(("POST /v1/deployments/%s/load HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  "Content-Type: application/x-tar\r\nContent-Length: %d\r\n\r\n"
-                  % (deployment.name, len(data))).encode())
-    sock.sendall(data[: len(data) // 2])
+    sock = send_half_an_upload(edd, deployment, v2, timeout=15)
     started = time.monotonic()
     # Then nothing: edd gives up after body_timeout_seconds, with a 4xx or by hanging up.
     try:
@@ -414,14 +421,9 @@ def test_rollback_without_previous_is_409(edd_factory, make_image):
 def test_concurrent_loads_second_gets_409_at_once(edd_factory, make_image, v1, v2):
     deployment, other = edd_factory.deployment(), edd_factory.deployment()
     edd = edd_factory.start([deployment, other])
-    data = v2.read_bytes()
 
     # First load: announce the whole archive, send half, and hold the rest back.
-    sock = tls_connect(edd, timeout=60)
-    sock.sendall(("POST /v1/deployments/%s/load HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  "Content-Type: application/x-tar\r\nContent-Length: %d\r\n\r\n"
-                  % (deployment.name, len(data))).encode())
-    sock.sendall(data[: len(data) // 2])
+    sock = send_half_an_upload(edd, deployment, v2, timeout=60)
     wait_for(lambda: docker_load_running(edd), timeout=10, message="the first `docker load`")
 
     # Second load of the same deployment: 409 before its body is read.
@@ -433,6 +435,7 @@ def test_concurrent_loads_second_gets_409_at_once(edd_factory, make_image, v1, v
     assert_ok(push(edd, other, v1))
     assert fetch(other.port) == V1_TEXT
 
+    data = v2.read_bytes()
     sock.sendall(data[len(data) // 2:])
     first = read_response(sock)
     sock.close()
