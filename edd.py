@@ -25,6 +25,10 @@ Threat model: mutual TLS proves that a client holds a key certified by client_ca
 `clients` and `admins` narrow which deployments each identity may touch. A client
 chooses only the image: what the container may do is fixed by the host's config.
 An image is code: whoever may push to a deployment runs code with its `args`.
+An upload changes its own deployment and nothing else: the names in the archive
+are removed before `docker load` sees them (edd tags only edd/NAME:current and
+:previous, and reports them as "ignored_tags"), and a layer the archive leaves
+out is accepted only if the deployment's own images have it (else 403).
 
 Supports CPython 3.8 and newer; standard library only.
 """
