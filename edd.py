@@ -473,7 +473,7 @@ TAR_BLOCK = 512
 METADATA_FILES = ("manifest.json", "repositories", "index.json")
 MAX_METADATA_BYTES = 4 << 20        # docker's own are a few KiB
 MAX_SPECIAL_BYTES = 1 << 20         # a pax or GNU long-name header; Go's limit too
-MAX_MEMBERS = 1 << 17
+MAX_MEMBERS = 1 << 14            # docker save writes about four per layer
 OUTPUT_MERGE = 1 << 16              # smaller pieces are joined before they are written
 # Annotations that name an image in index.json (containerd and OCI).
 NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
@@ -670,15 +670,16 @@ class ArchiveFilter:
             self._started = True
             if self._left or self._pad:
                 count = min(self._left + self._pad, len(view) - pos)
+                self.offset += count
                 self._take(view[pos:pos + count], out)
             else:
                 count = min(TAR_BLOCK - len(self._block), len(view) - pos)
                 self._block += view[pos:pos + count]
+                self.offset += count
                 if len(self._block) == TAR_BLOCK:
                     self._header(bytes(self._block), out)
                     self._block.clear()
             pos += count
-            self.offset += count
         # Bytes after the end-of-archive marker are not passed on: docker's
         # reader would stop there too, or fail.
         return _merge(out)
@@ -750,14 +751,14 @@ class ArchiveFilter:
             return
         if not _checksum_ok(block):
             raise BadRequest("not a tar archive (a bad header at byte %d); send the output "
-                             "of `docker save`, plain or gzip'd" % self.offset)
+                             "of `docker save`, plain or gzip'd" % (self.offset - TAR_BLOCK))
         kind = block[156:157]
         size = _tar_number(block[124:136])
         if kind in (b"x", b"L", b"K"):
             if size > MAX_SPECIAL_BYTES:
                 raise BadRequest("the archive has an extended tar header over 1 MiB")
             self._held += block
-            self._start(Member("", kind, size, self.offset + TAR_BLOCK), "extended", size)
+            self._start(Member("", kind, size, self.offset), "extended", size)
             return
         if kind == b"S":
             raise BadRequest("the archive holds a sparse file; docker save writes none")
@@ -765,7 +766,7 @@ class ArchiveFilter:
             if self._held:
                 raise BadRequest("the archive has a global pax header inside a member")
             out.append(block)
-            self._start(Member("", kind, size, self.offset + TAR_BLOCK), "pass", size)
+            self._start(Member("", kind, size, self.offset), "pass", size)
             return
         member = self._member_from(block, kind, size)
         mode = self._mode_for(member)
@@ -792,7 +793,7 @@ class ArchiveFilter:
             size = int(extended["pax size"])
         if kind == b"\0" and name.endswith("/"):
             kind = b"5"
-        return Member(member_name(name), kind, size, self.offset + TAR_BLOCK, linkname)
+        return Member(member_name(name), kind, size, self.offset, linkname)
 
     def _mode_for(self, member):
         """How the filter treats a member, once its name is checked."""
@@ -938,6 +939,12 @@ def config_id(archive, entry):
     if member is None or member.sha256 is None:
         raise BadRequest("the archive lacks the config %s" % entry["Config"])
     return member.sha256
+
+
+def file_chunks(file, size=BUFFER_SIZE):
+    """Yield a binary file's bytes from where it stands, `size` at a time (for
+    filter_archive over an archive spooled to disk)."""
+    return iter(lambda: file.read(size), b"")
 
 
 def read_member(file, member):
