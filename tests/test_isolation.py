@@ -189,6 +189,19 @@ def test_multi_image_archive_with_image_choice(edd_factory, make_image, gzip):
     assert image_id(first_id) is None
 
 
+def test_a_failed_gate_takes_its_image_away(edd_factory, make_image):
+    deployment = edd_factory.deployment()
+    edd = edd_factory.start([deployment])
+    good = make_image(run_tag("edd-iso-gate", "v1"), content="gate v1\n")
+    assert_ok(push(edd, deployment, good))
+    exits = make_image(run_tag("edd-iso-gate", "v2"), exits=True)
+    reply = push(edd, deployment, exits)
+    assert reply.status == 502 and reply.json["restored"] is True, reply
+    assert fetch(deployment.port) == "gate v1\n"
+    assert image_id(make_image.image_id(exits)) is None
+    assert edd_tag(deployment) == make_image.image_id(good)
+
+
 # ---------------------------------------------------------------------------
 # Two clients, one archive name, at the same time
 # ---------------------------------------------------------------------------
