@@ -521,7 +521,8 @@ def _tar_number(field):
         if field[0] == 0xff:
             raise BadRequest("the archive has a tar header with a negative number")
         return int.from_bytes(bytes([field[0] & 0x7f]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
+    # Go's parseOctal: trim spaces and NULs at both ends, then stop at a NUL.
+    text = field.strip(b" \0").split(b"\0", 1)[0]
     if not re.match(rb"[0-7]*\Z", text):
         raise BadRequest("the archive has a tar header with a malformed number")
     return int(text or b"0", 8)
@@ -788,7 +789,7 @@ class ArchiveFilter:
         linkname = extended.get("gnu linkpath", extended.get("pax linkpath",
                                                              _tar_string(block[157:257])))
         if "pax size" in extended:
-            if not extended["pax size"].isdigit():
+            if not re.match(r"[0-9]{1,20}\Z", extended["pax size"]):
                 raise BadRequest("the archive has a malformed pax size")
             size = int(extended["pax size"])
         if kind == b"\0" and name.endswith("/"):

@@ -355,3 +355,14 @@ def test_borrowed_layers_need_the_whole_chain():
         == [1]
     assert edd.borrowed_layers(image, {"sha256:c"}, [["sha256:a"], ["sha256:a", "sha256:x"]]) \
         == [1]
+
+
+def test_numbers_are_read_like_go():
+    # Go trims spaces and NULs at both ends of an octal field: a size field that
+    # starts with a NUL still counts, or the walker would lose step with docker.
+    assert edd._tar_number(b"\x00000000001000") == 512
+    assert edd._tar_number(b" 777 \x00") == 0o777
+    assert edd._tar_number(b"\x00" * 12) == 0
+    assert edd._tar_number(b"\x80" + b"\x00" * 10 + b"\x05") == 5
+    with pytest.raises(edd.BadRequest):
+        edd._tar_number(b"1 2\x00")
