@@ -473,7 +473,7 @@ TAR_BLOCK = 512
 METADATA_FILES = ("manifest.json", "repositories", "index.json")
 MAX_METADATA_BYTES = 4 << 20        # docker's own are a few KiB
 MAX_SPECIAL_BYTES = 1 << 20         # a pax or GNU long-name header; Go's limit too
-MAX_MEMBERS = 1 << 14            # docker save writes about four per layer
+MAX_MEMBERS = 1 << 14              # docker save writes about four per layer
 OUTPUT_MERGE = 1 << 16              # smaller pieces are joined before they are written
 # Annotations that name an image in index.json (containerd and OCI).
 NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
@@ -1050,6 +1050,10 @@ def choose_image(archive, loaded_ids, image_choice=None):
             raise BadRequest("the archive holds several images (%s); choose one with "
                              "?image=REF" % ", ".join(names))
     image_id = chosen.pop()
+    if image_id not in loaded_ids and len(set(ids)) == 1 and len(loaded_ids) == 1:
+        # The containerd image store names an image by its manifest's digest,
+        # not its config's: an archive of one image loads as that one ID.
+        return loaded_ids[0]
     if image_id not in loaded_ids:
         raise DockerError("docker load reported %s, not the archive's %s"
                           % (", ".join(loaded_ids) or "nothing", image_id))

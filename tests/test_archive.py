@@ -366,3 +366,20 @@ def test_numbers_are_read_like_go():
     assert edd._tar_number(b"\x80" + b"\x00" * 10 + b"\x05") == 5
     with pytest.raises(edd.BadRequest):
         edd._tar_number(b"1 2\x00")
+
+
+# -- which image an upload deploys -------------------------------------------
+
+def test_choose_image_by_the_names_the_archive_had():
+    data, config, _ = legacy_archive(("website:latest", "website:v2"))
+    _, archive = run_filter(data)
+    assert edd.choose_image(archive, [sha(config)]) == sha(config)
+    assert edd.choose_image(archive, [sha(config)], "website:v2") == sha(config)
+    assert edd.choose_image(archive, [sha(config)], "website") == sha(config)
+    with pytest.raises(edd.BadRequest, match="holds website:latest, website:v2, not nginx"):
+        edd.choose_image(archive, [sha(config)], "nginx")
+    # One image that docker reports under another ID (the containerd store's
+    # manifest digest) is still that image; several are not guessed at.
+    assert edd.choose_image(archive, ["sha256:manifest"]) == "sha256:manifest"
+    with pytest.raises(edd.DockerError):
+        edd.choose_image(archive, ["sha256:one", "sha256:two"])
