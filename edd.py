@@ -942,12 +942,6 @@ def config_id(archive, entry):
     return member.sha256
 
 
-def file_chunks(file, size=BUFFER_SIZE):
-    """Yield a binary file's bytes from where it stands, `size` at a time (for
-    filter_archive over an archive spooled to disk)."""
-    return iter(lambda: file.read(size), b"")
-
-
 def read_member(file, member):
     """The data of `member` of the archive spooled in `file` (a seekable binary file)."""
     file.seek(member.offset)
