@@ -1838,24 +1838,33 @@ class Handshakes:
 
     def _run(self):
         while not self._closed:
-            now = time.monotonic()
-            due = min([entry[1] for entry in self.pending.values()] + [now + 1.0])
-            for key, _ in self.selector.select(max(due - now, 0)):
-                if key.fileobj is self._wake_read:
-                    try:
-                        while self._wake_read.recv(4096):
-                            pass
-                    except OSError:
-                        pass
-                elif key.fileobj in self.pending:
-                    self._step(key.fileobj)
-            while self._inbox:
-                self._start(*self._inbox.popleft())
-            self._expire()
-            self._hand_over()
-            self._summarize()
+            try:
+                self._turn()
+            except Exception:
+                # This thread is the only way in: it must outlive any one surprise.
+                log.exception("handshakes: unexpected error")
+                time.sleep(0.1)
         for tls in list(self.pending) + [entry[0] for entry in self.ready]:
             tls.close()
+
+    def _turn(self):
+        """Wait for sockets and the clock, then move every connection on that can."""
+        now = time.monotonic()
+        due = min([entry[1] for entry in self.pending.values()] + [now + 1.0])
+        for key, _ in self.selector.select(max(due - now, 0)):
+            if key.fileobj is self._wake_read:
+                try:
+                    while self._wake_read.recv(4096):
+                        pass
+                except OSError:
+                    pass
+            elif key.fileobj in self.pending:
+                self._step(key.fileobj)
+        while self._inbox:
+            self._start(*self._inbox.popleft())
+        self._expire()
+        self._hand_over()
+        self._summarize()
 
     def _start(self, sock, address):
         context, trust = self.server.app.tls
@@ -1890,15 +1899,21 @@ class Handshakes:
             return self._watch(tls, selectors.EVENT_WRITE)
         except (OSError, ValueError) as exc:
             return self._fail(tls, exc)
+        except Exception as exc:
+            log.exception("tls handshake: unexpected error")
+            return self._fail(tls, exc)
         address, _, trust = self._forget(tls)
         tls.setblocking(True)
         self.ready.append((tls, address, trust))
 
     def _watch(self, tls, events):
         try:
-            self.selector.modify(tls, events)
-        except KeyError:
-            self.selector.register(tls, events)
+            try:
+                self.selector.modify(tls, events)
+            except KeyError:
+                self.selector.register(tls, events)
+        except (OSError, ValueError) as exc:
+            self._fail(tls, exc)
 
     def _forget(self, tls):
         try:

@@ -9,6 +9,7 @@ strictness, `make client-cert`. Every test runs a real edd over real TLS.
 import datetime
 import http.client
 import json
+import logging
 import re
 import socket
 import ssl
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import edd as eddpy  # noqa: E402  (the module under test, in-process)
 from conftest import (REPO, client_context, curl, docker_load_running, fetch, free_port,
                       https_request, read_response, run_tag, tls_connect, wait_for)
 from test_security import (V1, V1_TEXT, assert_json_error, audit_lines, closed_by_server,
@@ -266,6 +269,35 @@ def test_replacing_client_ca_ends_open_connections(edd_factory):
     assert not [a for a in audit_lines(edd) if a.get("action") == "restart"]
 
 
+@pytest.mark.docker
+def test_request_under_way_when_client_ca_changes_is_answered_then_closed(edd_factory,
+                                                                         make_image):
+    deployment = edd_factory.deployment(settle_seconds=3)
+    edd = edd_factory.start([deployment])
+    conn = keep_alive(edd)
+    archive = make_image(V2, content=V2_TEXT).read_bytes()
+    replies = []
+
+    def push_on_kept():
+        conn.request("POST", "/v1/deployments/%s/load" % deployment.name, body=archive,
+                     headers={"Content-Type": "application/x-tar"})
+        reply = conn.getresponse()
+        replies.append((reply.status, reply.getheader("Connection"), reply.read()))
+    pushing = threading.Thread(target=push_on_kept)
+    pushing.start()
+    wait_for(lambda: "deployment=%s loaded" % deployment.name in edd.log(), timeout=30,
+             message="the swap's gate to be running")
+    reload_and_wait(edd, dict(edd.config, client_ca=str(edd.factory.pki.other_ca)),
+                    "closing connections")
+    pushing.join(30)
+    assert replies and replies[0][:2] == (200, "close"), replies
+    assert fetch(deployment.port) == V2_TEXT
+    with pytest.raises((http.client.HTTPException, OSError)):
+        conn.request("GET", "/v1/deployments")
+        conn.getresponse()
+    conn.close()
+
+
 def test_reload_without_tls_changes_keeps_connections(edd_factory):
     edd = edd_factory.start([edd_factory.deployment()])
     kept = keep_alive(edd)
@@ -476,6 +508,38 @@ def test_failed_handshakes_are_not_logged_one_by_one(edd_factory):
             pass
     assert https_request(edd, "GET", "/v1/deployments").status == 200
     assert "handshake" not in edd.log(), edd.log()
+
+
+def test_failed_handshakes_are_counted_once_a_minute(pki, tmp_path, monkeypatch, caplog):
+    # In-process, with the minute shortened to a second.
+    monkeypatch.setattr(eddpy, "HANDSHAKE_SUMMARY_SECONDS", 1)
+    caplog.set_level(logging.DEBUG, logger="edd")
+    config = eddpy.parse_config({
+        "listen": "127.0.0.1:%d" % free_port(), "server_cert": str(pki.server_cert),
+        "server_key": str(pki.server_key), "client_ca": str(pki.ca), "deployments": []},
+        str(tmp_path / "config.json"))
+    server = eddpy.Server(eddpy.App(config))
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca))        # no certificate
+        for _ in range(5):
+            try:
+                with socket.create_connection(config.listen, timeout=5) as raw:
+                    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                        tls.recv(1)
+            except (ssl.SSLError, OSError):
+                pass
+        def counted():
+            return sum(int(re.search(r"(\d+) handshakes failed", r.getMessage()).group(1))
+                       for r in caplog.records
+                       if r.levelno == logging.INFO and "handshakes failed" in r.getMessage())
+        wait_for(lambda: counted() == 5, timeout=5, message="summary lines counting 5")
+        failures = [r for r in caplog.records if "tls handshake failed" in r.getMessage()]
+        assert len(failures) == 5 and {r.levelno for r in failures} == {logging.DEBUG}
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.parametrize("cipher, accepted", [
