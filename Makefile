@@ -6,6 +6,7 @@
 #   make install     program, systemd unit and /etc/edd/config.json (if absent)
 #   make uninstall   remove program and unit; /etc/edd is left alone
 #   make bench       the benchmark (issue 5); BENCH_ARGS=--full adds 1 GiB
+#   make client-cert NAME=alice [DNS=..|EMAIL=..]   a client certificate (90 days)
 #
 # install and uninstall honour DESTDIR and PREFIX, e.g.
 #   make install DESTDIR=/tmp/pkgroot PREFIX=/usr
@@ -22,10 +23,10 @@ PKI     ?= pki
 NEWKEY   = openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256
 CERTDAYS = 825
 
-.PHONY: help run certs test bench install uninstall clean
+.PHONY: help run certs client-cert test bench install uninstall clean
 
 help:
-	@sed -n '3,9s/^# *//p' Makefile
+	@sed -n '3,10s/^# *//p' Makefile
 
 run: certs
 	$(PYTHON) edd.py --config config.example.json
@@ -86,6 +87,41 @@ $(PKI)/client.crt: $(PKI)/client.key $(PKI)/ca.crt
 	    -CA $(PKI)/ca.crt -CAkey $(PKI)/ca.key -set_serial 0x$$(openssl rand -hex 16) \
 	    -extfile $@.ext -out $@
 	rm -f $@.csr $@.ext
+
+# ---------------------------------------------------------------- client certificates
+# make client-cert NAME=alice                  identity "alice" (the subject CN)
+# make client-cert NAME=ci DNS=ci.example      identity "dns:ci.example"
+# make client-cert NAME=dana EMAIL=dana@example.com   identity "email:dana@example.com"
+# Writes OUT/NAME.key (mode 600) and OUT/NAME.crt, signed with CA_CERT and
+# CA_KEY: point them at wherever the CA key lives (it never needs to be on
+# the edd host). DAYS defaults to 90: edd has no revocation list, so a short
+# lifetime is what ends a lost key's use. Prints the identity for `clients`.
+CA_CERT ?= $(PKI)/ca.crt
+CA_KEY  ?= $(PKI)/ca.key
+OUT     ?= $(PKI)
+DAYS    ?= 90
+comma   := ,
+SAN      = $(if $(DNS),DNS:$(DNS))$(if $(DNS),$(if $(EMAIL),$(comma)))$(if $(EMAIL),email:$(EMAIL))
+IDENTITY = $(if $(DNS),dns:$(DNS),$(if $(EMAIL),email:$(EMAIL),$(NAME)))
+
+client-cert:
+	@test -n "$(NAME)" || { echo "make client-cert: give NAME=, e.g. make client-cert NAME=alice" >&2; exit 2; }
+	@test ! -e "$(OUT)/$(NAME).crt" || { echo "make client-cert: $(OUT)/$(NAME).crt exists; remove it first" >&2; exit 2; }
+	@mkdir -p "$(OUT)"
+	umask 077 && $(NEWKEY) -out "$(OUT)/$(NAME).key"
+	printf '%s\n' 'basicConstraints = CA:FALSE' \
+	    'keyUsage = critical, digitalSignature' \
+	    'extendedKeyUsage = clientAuth' \
+	    'subjectKeyIdentifier = hash' \
+	    'authorityKeyIdentifier = keyid' \
+	    $(if $(SAN),'subjectAltName = $(SAN)') > "$(OUT)/$(NAME).ext"
+	openssl req -new -key "$(OUT)/$(NAME).key" -subj '/CN=$(NAME)' -out "$(OUT)/$(NAME).csr"
+	openssl x509 -req -sha256 -days $(DAYS) -in "$(OUT)/$(NAME).csr" \
+	    -CA "$(CA_CERT)" -CAkey "$(CA_KEY)" -set_serial 0x$$(openssl rand -hex 16) \
+	    -extfile "$(OUT)/$(NAME).ext" -out "$(OUT)/$(NAME).crt"
+	@rm -f "$(OUT)/$(NAME).csr" "$(OUT)/$(NAME).ext"
+	@echo "$(OUT)/$(NAME).crt: valid $(DAYS) days; add this to a deployment's clients (or admins):"
+	@echo "identity: $(IDENTITY)"
 
 # ---------------------------------------------------------------- install
 # The unit in the repo names /usr/local/bin/edd and /etc/edd; install writes

@@ -16,19 +16,24 @@ API (JSON in and out; errors are {"error": "..."}):
     POST|PUT   /v1/deployments/NAME/load           body: docker save archive (.tar, .tar.gz)
     POST       /v1/deployments/NAME/start|stop|restart|rollback
     DELETE     /v1/deployments/NAME                stop and remove the container
-    GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text)
+    GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text,
+                                                   streamed, at most max_log_bytes)
     GET        /v1/health                          edd and docker are answering
-    GET        /metrics                            Prometheus text format
+    GET        /metrics                            Prometheus text format (the series
+                                                   of deployments this client may use)
     /v1/NAME/ACTION is accepted as an alias of /v1/deployments/NAME/ACTION.
 
-Threat model: mutual TLS proves that a client holds a key certified by client_ca;
-`clients` and `admins` narrow which deployments each identity may touch. A client
+Threat model: mutual TLS proves that a client holds a key certified by client_ca,
+valid now; `clients` and `admins` name typed identities (CN, dns:, email:) that
+may touch a deployment, and to anyone else it does not exist (404). A client
 chooses only the image: what the container may do is fixed by the host's config.
 An image is code: whoever may push to a deployment runs code with its `args`.
 An upload changes its own deployment and nothing else: the names in the archive
 are removed before `docker load` sees them (edd tags only edd/NAME:current and
 :previous, and reports them as "ignored_tags"), and a layer the archive leaves
 out is accepted only if the deployment's own images have it (else 403).
+Connections, handshakes, uploads and log output are bounded, so one client
+cannot starve the others.
 
 Supports CPython 3.8 and newer; standard library only.
 """
@@ -36,10 +41,12 @@ Supports CPython 3.8 and newer; standard library only.
 import argparse
 import bisect
 import contextlib
+import collections
 import dataclasses
 import datetime
 import fcntl
 import hashlib
+import heapq
 import http.client
 import http.server
 import itertools
@@ -49,6 +56,7 @@ import os
 import posixpath
 import re
 import secrets
+import selectors
 import signal
 import socket
 import ssl
@@ -110,6 +118,11 @@ class NotFound(EddError):
     status = 404
 
 
+class NotAllowed(NotFound):
+    """A deployment this client may not use: answered exactly like an unknown one,
+    so that names cannot be probed; the audit line says what really happened."""
+
+
 class MethodNotAllowed(EddError):
     status = 405
 
@@ -120,6 +133,11 @@ class MethodNotAllowed(EddError):
 
 class Conflict(EddError):
     status = 409
+
+
+class Misdirected(EddError):
+    """421: this connection cannot serve the request; a new one can (RFC 9110)."""
+    status = 421
 
 
 class LengthRequired(EddError):
@@ -182,10 +200,15 @@ class Config:
     server_key: str = "/etc/edd/server.key"
     client_ca: str = "/etc/edd/ca.crt"
     admins: frozenset = frozenset()
+    metrics_clients: frozenset = frozenset()
     max_upload_bytes: int = 8 << 30
     body_timeout_seconds: float = 60.0
+    upload_min_bytes_per_second: int = 64 << 10
     handshake_timeout_seconds: float = 10.0
     header_timeout_seconds: float = 30.0
+    max_connections: int = 64
+    max_handshakes: int = 32
+    max_log_bytes: int = 1 << 20
     docker: str = "docker"
 
 
@@ -196,18 +219,23 @@ TOP_KEYS = {
     "server_key": (str, None),
     "client_ca": (str, None),
     "deployments": (list, None),
-    "admins": (list, "strings"),
+    "admins": (list, "identities"),
+    "metrics_clients": (list, "identities"),
     "max_upload_bytes": (int, "positive"),
     "body_timeout_seconds": (float, "positive"),
+    "upload_min_bytes_per_second": (int, "non-negative"),
     "handshake_timeout_seconds": (float, "positive"),
     "header_timeout_seconds": (float, "positive"),
+    "max_connections": (int, "positive"),
+    "max_handshakes": (int, "positive"),
+    "max_log_bytes": (int, "positive"),
     "docker": (str, None),
 }
 DEPLOYMENT_KEYS = {
     "name": (str, None),
     "args": (list, "strings"),
     "command": (list, "strings"),
-    "clients": (list, "strings"),
+    "clients": (list, "identities"),
     "settle_seconds": (float, "non-negative"),
     "health_timeout_seconds": (float, "positive"),
     "stop_timeout_seconds": (int, "non-negative"),
@@ -223,13 +251,30 @@ def _check_value(value, kind, rule, where):
     names = {str: "a string", list: "a list", int: "an integer", float: "a number"}
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ConfigError("%s: must be %s" % (where, names[kind]))
-    if rule == "strings" and not all(isinstance(v, str) for v in value):
+    if rule in ("strings", "identities") and not all(isinstance(v, str) for v in value):
         raise ConfigError("%s: must be a list of strings" % where)
+    if rule == "identities":
+        for identity in value:
+            _check_identity(identity, where)
     if rule == "positive" and value <= 0:
         raise ConfigError("%s: must be greater than 0" % where)
     if rule == "non-negative" and value < 0:
         raise ConfigError("%s: must not be negative" % where)
     return value
+
+
+IDENTITY_FORMS = ("an identity is a certificate's subject CN written as is (\"alice\"), "
+                  "a DNS subjectAltName as \"dns:NAME\", or an email subjectAltName as "
+                  "\"email:ADDRESS\"")
+
+
+def _check_identity(identity, where):
+    kind, colon, value = identity.partition(":")
+    if not identity.strip() or identity != identity.strip():
+        raise ConfigError("%s: %r is not an identity; %s" % (where, identity, IDENTITY_FORMS))
+    if colon and re.match(r"[A-Za-z]+\Z", kind) and (kind not in ("dns", "email") or not value):
+        raise ConfigError("%s: %r has an unknown or empty kind; %s"
+                          % (where, identity, IDENTITY_FORMS))
 
 
 def _take(raw, schema, where):
@@ -286,8 +331,9 @@ def parse_config(raw, path):
         deployments[deployment.name] = deployment
     if "listen" in fields:
         fields["listen"] = _parse_listen(fields["listen"])
-    if "admins" in fields:
-        fields["admins"] = frozenset(fields["admins"])
+    for key in ("admins", "metrics_clients"):
+        if key in fields:
+            fields[key] = frozenset(fields[key])
     config = Config(path=path, deployments=deployments, **fields)
     base = os.path.dirname(os.path.abspath(path))
     files = {key: os.path.join(base, getattr(config, key))
@@ -313,11 +359,23 @@ def load_config(path):
         raise ConfigError("%s: %s" % (path, exc)) from None
 
 
+# TLS 1.2 suites with forward secrecy and an AEAD; TLS 1.3's are all of that kind.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
 def make_ssl_context(config):
-    """The server's TLS context: TLS 1.2+, client certificates required from client_ca."""
+    """The server's TLS context: TLS 1.2+, client certificates required from client_ca.
+
+    No session resumption: a resumed session skips the certificate check, so a
+    certificate that expired (or a client_ca that was replaced) would go on working.
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_TICKET
+    if hasattr(context, "num_tickets"):
+        context.num_tickets = 0             # TLS 1.3 tickets (OpenSSL 1.1.1+)
     # A read side shut down under TLS (SIGTERM aborting an upload) must still let
     # edd send its answer; OpenSSL 3 otherwise makes that EOF fatal. HTTP framing
     # still notices a body that was cut short.
@@ -334,6 +392,18 @@ def make_ssl_context(config):
         raise ConfigError("%s: client_ca: cannot load %s: %s"
                           % (config.path, config.client_ca, exc)) from None
     return context
+
+
+def tls_fingerprint(config):
+    """A digest of the TLS files' contents: a reload that changes them changes it."""
+    digest = hashlib.sha256()
+    for path in (config.client_ca, config.server_cert, config.server_key):
+        try:
+            with open(path, "rb") as file:
+                digest.update(hashlib.sha256(file.read()).digest())
+        except OSError as exc:
+            raise ConfigError("%s: cannot read %s: %s" % (config.path, path, exc.strerror))
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -418,16 +488,43 @@ class Docker:
                           stderr=subprocess.STDOUT)
         return done.stdout.decode("utf-8", "replace")
 
-    def start_load(self):
-        """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread."""
-        argv = [self.command, "load"]
+    def stream(self, args, timeout=300, size=1 << 16):
+        """Run docker with `args`; yield its output (stderr merged) `size` bytes at a time.
+
+        Closing the generator early kills docker, as does `timeout`: the output of
+        `docker logs` goes to the client as it comes, never whole into memory.
+        """
+        process = self._popen(args, subprocess.DEVNULL)
+        return self._output(process, WATCHER.call_later(timeout, process.kill), size)
+
+    def _popen(self, args, stdin):
+        """Start docker with `args`, its stdout and stderr merged into one pipe."""
+        argv = [self.command] + list(args)
         log.debug("docker: %s", " ".join(argv))
         try:
-            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, bufsize=0)
+            return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, bufsize=0)
         except OSError as exc:
             raise DockerError("cannot run the docker CLI %s: %s"
                               % (self.command, exc.strerror or exc)) from None
+
+    @staticmethod
+    def _output(process, timer, size):
+        try:
+            while True:
+                piece = process.stdout.read(size)
+                if not piece:
+                    return
+                yield piece
+        finally:
+            WATCHER.cancel(timer)
+            process.kill()
+            process.stdout.close()
+            process.wait()
+
+    def start_load(self):
+        """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread."""
+        process = self._popen(["load"], subprocess.PIPE)
         try:
             fcntl.fcntl(process.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
@@ -1177,10 +1274,11 @@ class Deployer:
         return self._owned_containers(deployment, [deployment.container,
                                                    deployment.parked_container])
 
-    def logs(self, deployment, tail):
+    def stream_logs(self, deployment, tail):
+        """A generator of the container's last `tail` lines of output, as docker sends them."""
         if self.owned_container(deployment) is None:
             raise NotFound("deployment %r has no container" % deployment.name)
-        return self.docker.logs(deployment.container, tail)
+        return self.docker.stream(["logs", "--tail", str(tail), deployment.container])
 
     # -- simple actions -----------------------------------------------------
 
@@ -1226,24 +1324,30 @@ class Deployer:
 
     # -- an upload ----------------------------------------------------------
 
-    def load(self, deployment, chunks, image_choice, janitor):
+    def load(self, deployment, chunks, image_choice, janitor, request_id="-", audit=None):
         """Load the upload, check it, deploy it; return (Loaded, the new state, the
         names the archive had and that were ignored). Whatever image this upload
         added and does not end up running goes to `janitor`, also when it fails.
+        The loaded image's id goes into `audit` as soon as it is known.
         """
         before = self.docker.image_ids()
         archive, loaded_ids, received = load_archive(self.docker, chunks)
         added = set(loaded_ids) - before
+        names = archive_names(archive)
         image_id = None
         try:
             image_id = choose_image(archive, loaded_ids, image_choice)
+            if audit is not None:
+                audit["image_id"] = image_id
             self.check_layers(deployment, image_id, archive.digests())
+            log.info("id=%s deployment=%s loaded %s", request_id, deployment.name,
+                     format_fields(image_id=image_id, names=" ".join(names) or None,
+                                   bytes=received))
             state = self.deploy(deployment, image_id)
         except BaseException:
             janitor.discard(added)
             raise
         janitor.discard(added - {image_id})
-        names = archive_names(archive)
         return Loaded(image_id, names or [image_id], received), state, names
 
     def check_layers(self, deployment, image_id, sent):
@@ -1382,23 +1486,77 @@ class Deployer:
 
 @dataclasses.dataclass(frozen=True)
 class Client:
-    """Who is on the other end: the certificate's CN and every identity it proves."""
-    name: str
+    """Who is on the other end, from the certificate the handshake verified.
+
+    `identities` holds typed strings, one namespace per kind so that no kind can
+    pass for another: the subject CN as is ("alice"), "dns:NAME" for each DNS
+    subjectAltName, "email:ADDRESS" for each email one. A certificate with several
+    CNs is `refused`: which of them names the client would be a guess.
+    """
+    name: str                       # for log lines: the CN, else the first SAN
     identities: frozenset
+    serial: str = "-"
+    not_before: float = 0.0
+    not_after: float = float("inf")
+    refused: str = None             # why this certificate may do nothing
 
     @classmethod
     def from_cert(cls, cert):
-        names = [value for rdn in (cert or {}).get("subject", ()) for key, value in rdn
-                 if key == "commonName"]
-        names += [value for kind, value in (cert or {}).get("subjectAltName", ())
-                  if kind in ("DNS", "email")]
-        return cls(names[0] if names else "-", frozenset(names))
+        cert = cert or {}
+        cns = [value for rdn in cert.get("subject", ()) for key, value in rdn
+               if key == "commonName"]
+        sans = ["%s:%s" % (SAN_KINDS[kind], value)
+                for kind, value in cert.get("subjectAltName", ()) if kind in SAN_KINDS]
+        refused = None
+        if len(cns) > 1:
+            refused = "the certificate has %d subject CNs; edd accepts one" % len(cns)
+        identities = frozenset(([] if refused else cns) + sans)
+        names = cns + sans
+        return cls(names[0] if names else "-", identities, cert.get("serialNumber", "-"),
+                   _cert_time(cert, "notBefore", 0.0),
+                   _cert_time(cert, "notAfter", float("inf")), refused)
+
+    def check(self, now=None):
+        """Raise Forbidden unless this certificate may make a request now."""
+        now = time.time() if now is None else now
+        if self.refused:
+            raise Forbidden(self.refused)
+        if not self.not_before <= now <= self.not_after:
+            raise Forbidden("the client certificate is not valid now (valid %s to %s)"
+                            % (_utc(self.not_before), _utc(self.not_after)))
+
+
+SAN_KINDS = {"DNS": "dns", "email": "email"}
+
+
+def _cert_time(cert, key, default):
+    try:
+        return float(ssl.cert_time_to_seconds(cert[key]))
+    except (KeyError, ValueError):
+        return default
+
+
+def _utc(seconds):
+    if seconds in (0.0, float("inf")):
+        return "-"
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).isoformat(
+        timespec="seconds")
+
+
+def granting_identity(config, client, deployment):
+    """The identity that lets `client` use `deployment` ("*" when the deployment has
+    no `clients`), or None if it may not."""
+    for allowed in (config.admins, deployment.clients):
+        if allowed is None:
+            return "*"
+        granted = sorted(client.identities & allowed)
+        if granted:
+            return granted[0]
+    return None
 
 
 def may_use(config, client, deployment):
-    if client.identities & config.admins:
-        return True
-    return deployment.clients is None or bool(client.identities & deployment.clients)
+    return granting_identity(config, client, deployment) is not None
 
 
 class Metrics:
@@ -1432,10 +1590,16 @@ class Metrics:
             counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
             counts[-1] += seconds
 
-    def render(self):
+    def render(self, visible=lambda deployment: True):
+        """The text format; series of deployments for which visible(name) is false are
+        left out."""
+        def shown(key):
+            return visible(dict(key[1]).get("deployment")) if "deployment" in dict(key[1]) \
+                else True
         with self._lock:
-            values = dict(self._values)
-            histograms = {key: list(counts) for key, counts in self._histograms.items()}
+            values = {key: value for key, value in self._values.items() if shown(key)}
+            histograms = {key: list(counts) for key, counts in self._histograms.items()
+                          if shown(key)}
         lines = []
         for name, (kind, text) in self.HELP.items():
             lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
@@ -1476,7 +1640,9 @@ class App:
 
     def __init__(self, config):
         self.config = config
-        self.ssl_context = make_ssl_context(config)
+        # The context and a fingerprint of the trust it carries, swapped together:
+        # a connection made under other trust is ended (see Server.end_stale).
+        self.tls = (make_ssl_context(config), tls_fingerprint(config))
         self.deployer = Deployer(Docker(config.docker))
         self.janitor = Janitor()
         self.metrics = Metrics()
@@ -1484,29 +1650,44 @@ class App:
         self._busy = {}             # deployment name -> what holds it
         self._busy_lock = threading.Lock()
 
+    @property
+    def ssl_context(self):
+        return self.tls[0]
+
     def reload(self):
-        """Re-read the config file and TLS files; keep the running ones if they fail."""
+        """Re-read the config file and TLS files; keep the running ones if they fail.
+
+        Return True if the config was taken. `trust_changed` tells whether client_ca
+        or the server's certificate changed, i.e. whether open connections are stale.
+        """
         try:
             config = load_config(self.config.path)
             context = make_ssl_context(config)
+            fingerprint = tls_fingerprint(config)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return False
         if config.listen != self.config.listen:
             log.warning("listen changed to %s:%d; that takes a restart", *config.listen)
             config = dataclasses.replace(config, listen=self.config.listen)
-        self.config, self.ssl_context = config, context
+        self.trust_changed = fingerprint != self.tls[1]
+        self.config, self.tls = config, (context, fingerprint)
         self.deployer = Deployer(Docker(config.docker))
-        log.info("reloaded %s: %d deployments", config.path, len(config.deployments))
+        log.info("reloaded %s: %d deployments%s", config.path, len(config.deployments),
+                 "; TLS files changed, closing connections made before"
+                 if self.trust_changed else "")
         return True
 
+    trust_changed = False
+
     def authorize(self, client, name):
-        """The named deployment if `client` may use it; NotFound or Forbidden otherwise."""
+        """The named deployment if `client` may use it; NotFound otherwise (NotAllowed
+        when it exists: to the client the two look the same)."""
         deployment = self.config.deployments.get(name)
         if deployment is None:
             raise NotFound("no deployment named %r" % name)
         if not may_use(self.config, client, deployment):
-            raise Forbidden("%s may not use deployment %r" % (client.name, name))
+            raise NotAllowed("no deployment named %r" % name)
         return deployment
 
     def hold(self, deployment, what):
@@ -1559,6 +1740,48 @@ def body_length(headers, limit):
         raise PayloadTooLarge("upload of %d bytes is larger than max_upload_bytes (%d)"
                               % (length, limit))
     return length
+
+
+class PacedReader:
+    """An rfile that ends an upload slower than `rate` bytes a second on average.
+
+    A timeout per read alone lets a client keep a deployment locked forever by
+    sending a byte now and then. The first `grace` seconds are free (a slow start,
+    TLS, docker warming up); after that the bytes received must keep up with
+    `rate` times the time taken. rate 0: no minimum.
+    """
+
+    def __init__(self, rfile, sock, rate, grace):
+        self.rfile, self.sock, self.rate, self.grace = rfile, sock, rate, grace
+        self.started = time.monotonic()
+        self.received = 0
+
+    def _call(self, method, *args):
+        due = max(self.grace, self.received / self.rate) if self.rate else float("inf")
+        left = due - (time.monotonic() - self.started)
+        if left <= 0:
+            raise self._too_slow()
+        self.sock.settimeout(min(self.grace, left))
+        try:
+            got = method(*args)
+        except socket.timeout:
+            if time.monotonic() - self.started >= due:
+                raise self._too_slow() from None
+            raise
+        self.received += got if isinstance(got, int) else len(got)
+        return got
+
+    def _too_slow(self):
+        return EddError("upload aborted: %d bytes in %.0f s is slower than "
+                        "upload_min_bytes_per_second (%d)"
+                        % (self.received, time.monotonic() - self.started, self.rate),
+                        status=408)
+
+    def readinto1(self, view):
+        return self._call(self.rfile.readinto1, view)
+
+    def readline(self, size=-1):
+        return self._call(self.rfile.readline, size)
 
 
 class LengthBody:
@@ -1653,6 +1876,7 @@ class Response:
     body: bytes
     content_type: str = "application/json"
     headers: tuple = ()
+    stream: object = None           # a generator of bytes sent instead of body
 
 
 def json_response(status, value, headers=()):
@@ -1712,8 +1936,27 @@ def get_deployment(app, request, name):
 def deployment_logs(app, request, name):
     deployment = app.authorize(request.client, name)
     tail = request.query_int("tail", 100, 1, MAX_LOG_TAIL)
-    text = app.deployer.logs(deployment, tail)
-    return Response(200, text.encode(), "text/plain; charset=utf-8")
+    limit = app.config.max_log_bytes
+    output = app.deployer.stream_logs(deployment, tail)
+    return Response(200, b"", "text/plain; charset=utf-8",
+                    (("X-Edd-Max-Log-Bytes", str(limit)),), capped(output, limit))
+
+
+def capped(chunks, limit):
+    """The first `limit` bytes of `chunks`, then a line saying the rest was cut;
+    closing this generator closes `chunks`."""
+    sent = 0
+    try:
+        for chunk in chunks:
+            if sent + len(chunk) > limit:
+                yield chunk[:limit - sent]
+                yield ("\n[edd: output cut at max_log_bytes=%d; ask for a smaller tail]\n"
+                       % limit).encode()
+                return
+            sent += len(chunk)
+            yield chunk
+    finally:
+        chunks.close()
 
 
 @route("POST", "/v1/deployments/{name}/load", "load")
@@ -1724,13 +1967,11 @@ def load(app, request, name):
         choice = request.query_one("image")
         try:
             loaded, state, ignored = app.deployer.load(deployment, request.body_chunks(),
-                                                       choice, app.janitor)
+                                                       choice, app.janitor, request.id,
+                                                       request.audit)
         except Forbidden as exc:
             request.audit["refused"] = exc.extra.pop("refused", None)
             raise
-        request.audit["image_id"] = loaded.image_id
-        log.info("id=%s deployment=%s loaded %s (%s, %d bytes)", request.id, name,
-                 loaded.image_id, " ".join(loaded.images), loaded.bytes)
     state["loaded"] = dataclasses.asdict(loaded)
     state["ignored_tags"] = ignored
     return state
@@ -1763,7 +2004,15 @@ def health(app, request):
 
 @route("GET", "/metrics")
 def metrics(app, request):
-    return Response(200, app.metrics.render().encode(), "text/plain; version=0.0.4")
+    """Every client sees the server-wide series and those of the deployments it may
+    use; `metrics_clients` (a monitoring system) see every deployment's."""
+    config, client = app.config, request.client
+    everything = bool(client.identities & config.metrics_clients)
+
+    def visible(name):
+        return everything or name in config.deployments and \
+            may_use(config, client, config.deployments[name])
+    return Response(200, app.metrics.render(visible).encode(), "text/plain; version=0.0.4")
 
 
 # ---------------------------------------------------------------------------
@@ -1771,8 +2020,10 @@ def metrics(app, request):
 # ---------------------------------------------------------------------------
 
 def format_fields(**values):
-    """key=value pairs for a log line; values with spaces or quotes are JSON-quoted."""
-    return " ".join("%s=%s" % (key, value if re.match(r"[\w.:/@+,-]+\Z", str(value))
+    """key=value pairs for a log line; values with anything but plain ASCII name
+    characters are JSON-quoted, so client text (a certificate's CN, a path) can
+    neither add fields nor start a line."""
+    return " ".join("%s=%s" % (key, value if re.match(r"[A-Za-z0-9_.:/@+,-]+\Z", str(value))
                                else json.dumps(str(value)))
                     for key, value in values.items() if value is not None)
 
@@ -1789,6 +2040,7 @@ class Request:
         self.query = urllib.parse.parse_qs(query, keep_blank_values=True)
         self.deployment = None      # the name in the path, once routed
         self.audit = {}
+        self.refused = False        # a NotAllowed answer: audited as such
         self.body = None
         self.body_done = False
 
@@ -1823,7 +2075,8 @@ class Request:
         """Check the upload's framing, answer 100 Continue, and return its chunks."""
         config = self.app.config
         length = body_length(self.handler.headers, config.max_upload_bytes)
-        rfile = self.handler.rfile
+        rfile = PacedReader(self.handler.rfile, self.handler.connection,
+                            config.upload_min_bytes_per_second, config.body_timeout_seconds)
         self.body = (ChunkedBody(rfile, config.max_upload_bytes) if length is None
                      else LengthBody(rfile, length))
         self.handler.connection.settimeout(config.body_timeout_seconds)
@@ -1848,16 +2101,28 @@ class Request:
             yield view[:count]
 
 
-class _LastLine:
-    """An rfile that remembers the last line read from it, to see how a head ended."""
+class _HeadLines:
+    """An rfile that remembers the header lines read from it, to check them and to
+    see how the head ended."""
 
     def __init__(self, rfile):
         self.rfile = rfile
-        self.last = None
+        self.lines = []
 
     def readline(self, size=-1):
-        self.last = self.rfile.readline(size)
-        return self.last
+        line = self.rfile.readline(size)
+        self.lines.append(line)
+        return line
+
+    @property
+    def last(self):
+        return self.lines[-1] if self.lines else None
+
+
+# RFC 9110's field-name token, a colon right after it, and no obs-fold: anything
+# else is a line that parsers disagree about (http.client drops the headers after
+# it), so a proxy in front of edd might see another request than edd does.
+HEADER_LINE_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r?\n\Z")
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -1872,6 +2137,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.server_version
 
     linger = False      # set when the connection closes with request bytes unread
+    idle = False        # waiting for the next request's head
+
+    def __init__(self, request, client_address, server, trust=None):
+        self.trust = trust          # tls_fingerprint() of the context it was made with
+        super().__init__(request, client_address, server)
 
     def setup(self):
         super().setup()
@@ -1890,14 +2160,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(timeout)
         self._deadline = Deadline(self.connection, timeout)
         self._expect_continue = False
+        self.idle = True
         try:
+            if self.trust is not None and self.trust != self.app.tls[1]:
+                # Made under TLS files a reload replaced (Server.end_stale).
+                self.close_connection = True
+                return
             super().handle_one_request()
         finally:
+            self.idle = False
             self._deadline.cancel()
 
     def parse_request(self):
+        self.idle = False
         rfile = self.rfile
-        self.rfile = head = _LastLine(rfile)
+        self.rfile = head = _HeadLines(rfile)
         try:
             parsed = super().parse_request()
         finally:
@@ -1912,6 +2189,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return False
         if self.request_version == "HTTP/0.9" or len(self.requestline.split(" ")) != 3:
             self.send_error(400, "malformed request line")
+            return False
+        if not all(HEADER_LINE_RE.match(line) for line in head.lines[:-1]):
+            self.send_error(400, "malformed header line")
             return False
         return True
 
@@ -1939,14 +2219,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         request = Request(self, path, query)
         action, result, response = None, None, None
         try:
+            if self.trust is not None and self.trust != self.app.tls[1]:
+                self.close_connection = True
+                raise Misdirected("edd's TLS files changed since this connection was "
+                                  "made; send the request again on a new connection")
+            try:
+                self.client.check()
+            except Forbidden:
+                self.close_connection = True
+                raise
             function, params, action = match_route(self.command, path)
             request.deployment = params.get("name")
             result = function(self.app, request, **params)
             response = result if isinstance(result, Response) else json_response(200, result)
         except ClientGone as exc:
-            log.info("id=%s client=%s gone: %s", request.id, self.client.name, exc)
+            log.info("gone %s", format_fields(id=request.id, client=self.client.name,
+                                              error=str(exc)))
         except EddError as exc:
             response, result = error_response(exc), exc.extra
+            request.refused = isinstance(exc, NotAllowed)
         except Exception:
             log.exception("id=%s unexpected error", request.id)
             response = json_response(500, {"error": "internal error; edd's log has the "
@@ -1956,23 +2247,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if response is None or (declared and not request.body_done):
             self.close_connection = True
             self.linger = response is not None
+        if self.trust is not None and self.trust != self.app.tls[1]:
+            self.close_connection = True        # a reload changed trust meanwhile
         if response is not None:
             self.send(response)
         self.record(request, action, response, result, time.monotonic() - started)
 
     def send(self, response):
+        # A stream goes out chunked (its length is not known before its end), or
+        # delimited by closing the connection for an HTTP/1.0 client.
+        chunked = response.stream is not None and self.request_version == "HTTP/1.1"
+        if response.stream is not None and not chunked:
+            self.close_connection = True
         try:
             self.send_response(response.status)
             self.send_header("Content-Type", response.content_type)
-            self.send_header("Content-Length", str(len(response.body)))
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            elif response.stream is None:
+                self.send_header("Content-Length", str(len(response.body)))
             for key, value in response.headers:
                 self.send_header(key, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(response.body)
+            if response.stream is None:
+                self.wfile.write(response.body)
+                return
+            for piece in response.stream:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
         except OSError:
             self.close_connection = True
+        finally:
+            if response.stream is not None:
+                response.stream.close()
 
     def record(self, request, action, response, result, seconds):
         """The request log line, the audit line and the metrics of one request."""
@@ -1988,11 +2298,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         received = request.body.received if request.body else None
         result = result if isinstance(result, dict) else {}
         running = (result.get("deployment") or result).get("image_id")
+        deployment = self.app.config.deployments.get(name)
+        identity = None
+        if deployment is not None and not self.client.refused:
+            identity = granting_identity(self.app.config, self.client, deployment)
         log.info("audit %s", format_fields(
             id=request.id, time=datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
-            client=self.client.name, deployment=name, action=action, status=status,
-            image_id=request.audit.get("image_id"), refused=request.audit.get("refused"),
+            client=self.client.name, identity=identity, serial=self.client.serial,
+            deployment=name, action=action, status=status,
+            image_id=request.audit.get("image_id"),
+            refused=request.audit.get("refused") or ("not-allowed" if request.refused else None),
             running=running, bytes=received,
             restored=result.get("restored"), duration_ms=int(seconds * 1000)))
         if name not in self.app.config.deployments:
@@ -2033,7 +2349,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass    # record() writes one line per request, with more in it
 
     def log_message(self, format, *args):
-        log.debug("http: " + format, *args)
+        log.debug("http: %s", format_fields(client=self.client.name if hasattr(self, "client")
+                                            else None, message=format % args))
 
 
 # ---------------------------------------------------------------------------
@@ -2070,24 +2387,233 @@ def _linger(sock):
         pass
 
 
+class Watcher:
+    """One thread that calls functions when they fall due: every deadline in edd.
+
+    A timer thread per connection would make each silent client cost a thread,
+    and threads (pids, under systemd's TasksMax) are what an attacker would spend.
+    """
+
+    def __init__(self):
+        self._due = []                  # heap of [when, sequence, function, args]
+        self._sequence = 0
+        self._wake = threading.Condition()
+        self._thread = None
+
+    def call_later(self, seconds, function, *args):
+        """Call function(*args) in `seconds`; return a token for cancel()."""
+        with self._wake:
+            self._sequence += 1
+            entry = [time.monotonic() + seconds, self._sequence, function, args]
+            heapq.heappush(self._due, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="watcher",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.notify()
+            return entry
+
+    def cancel(self, entry):
+        with self._wake:
+            entry[2] = None             # left in the heap, skipped when it falls due
+
+    def _run(self):
+        while True:
+            with self._wake:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._wake.wait(self._due[0][0] - time.monotonic() if self._due
+                                    else None)
+                _, _, function, args = heapq.heappop(self._due)
+            if function is not None:
+                try:
+                    function(*args)
+                except Exception:
+                    log.exception("watcher: %r failed", function)
+
+
+WATCHER = Watcher()
+
+
 class Deadline:
     """Shut a connection down unless cancel() comes within `seconds`.
 
-    Socket timeouts bound each read; a deadline bounds a whole phase (handshake,
-    request head) against clients that trickle in a byte at a time.
+    Socket timeouts bound each read; a deadline bounds a whole phase (request
+    head, upload) against clients that trickle in a byte at a time.
     """
 
     def __init__(self, sock, seconds):
-        self._timer = threading.Timer(seconds, _shutdown, (sock,))
-        self._timer.daemon = True
-        self._timer.start()
+        self._entry = WATCHER.call_later(seconds, _shutdown, sock)
 
     def cancel(self):
-        self._timer.cancel()
+        WATCHER.cancel(self._entry)
+
+
+HANDSHAKE_SUMMARY_SECONDS = 60
+
+
+class Handshakes:
+    """Every TLS handshake in progress, driven by one thread on non-blocking sockets.
+
+    A connection costs a worker thread only once its client has proved a
+    certificate. At most `max_handshakes` connections wait here (handshaking, or
+    handshaken and waiting for one of `max_connections` workers); a newcomer beyond
+    that pushes out the oldest handshake still in progress, so silent connections
+    cannot lock real clients out, they only age out faster. Failed handshakes are
+    logged at DEBUG, with an INFO count once a minute.
+    """
+
+    def __init__(self, server):
+        self.server = server
+        self.selector = selectors.DefaultSelector()
+        self.pending = collections.OrderedDict()    # tls socket -> (address, due, trust)
+        self.ready = collections.deque()            # (tls socket, address, trust)
+        self._inbox = collections.deque()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self.selector.register(self._wake_read, selectors.EVENT_READ)
+        self._closed = False
+        self.failures, self._last_failure = 0, ""
+        self._summary_at = time.monotonic() + HANDSHAKE_SUMMARY_SECONDS
+        self._thread = threading.Thread(target=self._run, name="handshakes", daemon=True)
+        self._thread.start()
+
+    def add(self, sock, address):
+        """Take a newly accepted TCP connection (called from the accepting thread)."""
+        self._inbox.append((sock, address))
+        self.wake()
+
+    def wake(self):
+        try:
+            self._wake_write.send(b"\0")
+        except OSError:
+            pass            # the pipe is full: the loop is awake anyway
+
+    def close(self):
+        self._closed = True
+        self.wake()
+
+    def _run(self):
+        while not self._closed:
+            try:
+                self._turn()
+            except Exception:
+                # This thread is the only way in: it must outlive any one surprise.
+                log.exception("handshakes: unexpected error")
+                time.sleep(0.1)
+        for tls in list(self.pending) + [entry[0] for entry in self.ready]:
+            tls.close()
+
+    def _turn(self):
+        """Wait for sockets and the clock, then move every connection on that can."""
+        now = time.monotonic()
+        due = min([entry[1] for entry in self.pending.values()] + [now + 1.0])
+        for key, _ in self.selector.select(max(due - now, 0)):
+            if key.fileobj is self._wake_read:
+                try:
+                    while self._wake_read.recv(4096):
+                        pass
+                except OSError:
+                    pass
+            elif key.fileobj in self.pending:
+                self._step(key.fileobj)
+        while self._inbox:
+            self._start(*self._inbox.popleft())
+        self._expire()
+        self._hand_over()
+        self._summarize()
+
+    def _start(self, sock, address):
+        context, trust = self.server.app.tls
+        if len(self.pending) + len(self.ready) >= self.server.app.config.max_handshakes:
+            if not self.pending:
+                log.debug("connection from %s closed: %d connections are waiting for a "
+                          "worker", address[0], len(self.ready))
+                sock.close()
+                return
+            oldest = next(iter(self.pending))
+            self._fail(oldest, "pushed out by newer connections (max_handshakes)")
+        try:
+            # Without TCP_NODELAY a reply written in two pieces waits for the
+            # client's delayed ACK: 40 ms on Linux, more than the whole request needs.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:
+            log.debug("connection from %s failed: %s", address[0], exc)
+            sock.close()
+            return
+        timeout = self.server.app.config.handshake_timeout_seconds
+        self.pending[tls] = (address, time.monotonic() + timeout, trust)
+        self._step(tls)
+
+    def _step(self, tls):
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return self._watch(tls, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            return self._watch(tls, selectors.EVENT_WRITE)
+        except (OSError, ValueError) as exc:
+            return self._fail(tls, exc)
+        except Exception as exc:
+            log.exception("tls handshake: unexpected error")
+            return self._fail(tls, exc)
+        address, _, trust = self._forget(tls)
+        tls.setblocking(True)
+        self.ready.append((tls, address, trust))
+
+    def _watch(self, tls, events):
+        try:
+            try:
+                self.selector.modify(tls, events)
+            except KeyError:
+                self.selector.register(tls, events)
+        except (OSError, ValueError) as exc:
+            self._fail(tls, exc)
+
+    def _forget(self, tls):
+        try:
+            self.selector.unregister(tls)
+        except (KeyError, ValueError):
+            pass
+        return self.pending.pop(tls)
+
+    def _fail(self, tls, reason):
+        address = self._forget(tls)[0]
+        tls.close()
+        self.failures += 1
+        self._last_failure = format_fields(peer=address[0], error=str(reason))
+        log.debug("tls handshake failed: %s", self._last_failure)
+
+    def _expire(self):
+        now = time.monotonic()
+        for tls, (address, due, _) in list(self.pending.items()):
+            if now >= due:
+                self._fail(tls, "no handshake within handshake_timeout_seconds")
+
+    def _hand_over(self):
+        while self.ready and self.server.take_slot():
+            tls, address, trust = self.ready.popleft()
+            threading.Thread(target=self.server.serve_connection, args=(tls, address, trust),
+                             name="connection", daemon=True).start()
+
+    def _summarize(self):
+        now = time.monotonic()
+        if now < self._summary_at:
+            return
+        if self.failures:
+            log.info("tls: %d handshakes failed in the last %d s; the last: %s",
+                     self.failures, HANDSHAKE_SUMMARY_SECONDS, self._last_failure)
+        self.failures = 0
+        self._summary_at = now + HANDSHAKE_SUMMARY_SECONDS
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """Accepts plain TCP; each worker thread does its own TLS handshake."""
+    """Accepts plain TCP; Handshakes does TLS, then a worker thread serves requests.
+
+    At most `max_connections` workers run; connections past that wait, handshaken,
+    in Handshakes until one ends.
+    """
     daemon_threads = True
     request_queue_size = 128
 
@@ -2095,36 +2621,53 @@ class Server(http.server.ThreadingHTTPServer):
         self.app = app
         self._handlers = set()
         self._handlers_lock = threading.Lock()
+        self._workers = 0
         host, port = app.config.listen
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), Handler)
+        self.handshakes = Handshakes(self)
 
-    def finish_request(self, request, client_address):
-        """Handshake in the worker thread: a client that sends nothing delays no one."""
-        timeout = self.app.config.handshake_timeout_seconds
-        # Without TCP_NODELAY a reply written in two pieces waits for the client's
-        # delayed ACK: 40 ms on Linux, more than the whole request needs.
-        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = self.app.ssl_context.wrap_socket(request, server_side=True,
-                                               do_handshake_on_connect=False)
+    def process_request(self, request, client_address):
+        self.handshakes.add(request, client_address)
+
+    def take_slot(self):
+        with self._handlers_lock:
+            if self._workers >= self.app.config.max_connections:
+                return False
+            self._workers += 1
+            return True
+
+    def serve_connection(self, tls, client_address, trust):
+        """A worker thread: serve requests on one handshaken connection until it ends."""
         try:
-            tls.settimeout(timeout)
-            deadline = Deadline(tls, timeout)
-            try:
-                tls.do_handshake()
-            except OSError as exc:
-                log.info("tls handshake with %s failed: %s", client_address[0], exc)
-                return
-            finally:
-                deadline.cancel()
-            handler = self.RequestHandlerClass(tls, client_address, self)
+            tls.settimeout(self.app.config.header_timeout_seconds)
+            handler = self.RequestHandlerClass(tls, client_address, self, trust)
             if handler.linger:
                 _linger(tls)
         except OSError as exc:
             log.debug("connection with %s ended: %s", client_address[0], exc)
+        except Exception:
+            self.handle_error(tls, client_address)
         finally:
             tls.close()
+            with self._handlers_lock:
+                self._workers -= 1
+            self.handshakes.wake()
+
+    def server_close(self):
+        super().server_close()
+        self.handshakes.close()
+
+    def end_stale(self):
+        """After client_ca or the certificates changed: close idle connections made
+        under the old trust; busy ones close after their answer (Handler.dispatch)."""
+        trust = self.app.tls[1]
+        with self._handlers_lock:
+            stale = [h for h in self._handlers if h.trust != trust and h.idle]
+        for handler in stale:
+            _shutdown(handler.connection)
+        return len(stale)
 
     def handle_error(self, request, client_address):
         log.debug("connection with %s failed", client_address[0], exc_info=True)
@@ -2198,8 +2741,25 @@ class JournalFormatter(logging.Formatter):
         return "<%d>%s" % (self.PRIORITIES.get(record.levelno, 6), super().format(record))
 
 
+CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class EscapeControls(logging.Filter):
+    """Last line of defence for text from clients and docker in log messages: a
+    newline would start a line of its choosing (an `audit` line, a journald `<2>`
+    priority). Tracebacks are formatted apart and keep their lines."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        escaped = CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), message)
+        if escaped != message:
+            record.msg, record.args = escaped, ()
+        return True
+
+
 def setup_logging(level):
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(EscapeControls())
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:
@@ -2216,7 +2776,8 @@ def serve(app, server):
     def reload():
         with reload_lock:
             sd_notify("RELOADING=1")
-            app.reload()
+            if app.reload() and app.trust_changed:
+                server.end_stale()
             sd_notify("READY=1")
 
     def on_signal(signum, frame):

@@ -2,6 +2,8 @@
 import email.message
 import io
 
+import logging
+
 import pytest
 
 import edd
@@ -133,16 +135,67 @@ def test_wrong_method_lists_allowed():
 def test_identities_and_authorization(tmp_path):
     cert = {"subject": ((("organizationName", "x"),), (("commonName", "bob"),)),
             "subjectAltName": (("DNS", "bob.example"), ("email", "bob@example.com"),
-                               ("IP Address", "10.0.0.1"))}
+                               ("IP Address", "10.0.0.1")),
+            "serialNumber": "0A1B", "notBefore": "Jan  1 00:00:00 2020 GMT",
+            "notAfter": "Jan  1 00:00:00 2040 GMT"}
     client = edd.Client.from_cert(cert)
-    assert client.name == "bob"
-    assert client.identities == {"bob", "bob.example", "bob@example.com"}
+    assert client.name == "bob" and client.serial == "0A1B"
+    assert client.identities == {"bob", "dns:bob.example", "email:bob@example.com"}
+    client.check()
     config = edd.Config(path="x", deployments={}, admins=frozenset(["root"]))
     assert edd.may_use(config, client, edd.Deployment("web"))
-    assert edd.may_use(config, client, edd.Deployment("web", clients=frozenset(["bob.example"])))
-    assert not edd.may_use(config, client, edd.Deployment("web", clients=frozenset(["alice"])))
+    assert edd.granting_identity(config, client, edd.Deployment("web")) == "*"
+    web = edd.Deployment("web", clients=frozenset(["dns:bob.example"]))
+    assert edd.granting_identity(config, client, web) == "dns:bob.example"
+    # A SAN never passes for a CN, nor one kind of SAN for another.
+    assert not edd.may_use(config, client, edd.Deployment("web", clients=frozenset(
+        ["bob.example", "bob@example.com", "email:bob.example", "dns:bob"])))
     admin = edd.Client("root", frozenset(["root"]))
-    assert edd.may_use(config, admin, edd.Deployment("web", clients=frozenset(["alice"])))
+    assert edd.granting_identity(config, admin, edd.Deployment(
+        "web", clients=frozenset(["alice"]))) == "root"
+
+
+def test_certificate_with_several_cns_is_refused():
+    cert = {"subject": ((("commonName", "carol"),), (("commonName", "alice"),))}
+    client = edd.Client.from_cert(cert)
+    assert "carol" not in client.identities and "alice" not in client.identities
+    with pytest.raises(edd.Forbidden, match="2 subject CNs"):
+        client.check()
+
+
+def test_certificate_outside_its_validity_is_refused_per_request():
+    client = edd.Client.from_cert({"subject": ((("commonName", "a"),),),
+                                   "notBefore": "Jan  1 00:00:00 2020 GMT",
+                                   "notAfter": "Jan  1 00:00:00 2021 GMT"})
+    with pytest.raises(edd.Forbidden, match="not valid now"):
+        client.check()
+    client.check(now=client.not_before + 1)
+
+
+@pytest.mark.parametrize("identity", ["DNS:bob.example", "cn:bob", "dns:", "", " bob",
+                                      "san:x"])
+def test_identity_forms_are_explained(identity):
+    with pytest.raises(edd.ConfigError, match="dns:NAME"):
+        edd._check_value([identity], list, "identities", "deployments[0].clients")
+
+
+def test_log_lines_cannot_be_forged():
+    line = edd.format_fields(client="eve\naudit id=1 client=alice\n<2>crit")
+    assert "\n" not in line and line.startswith('client="eve\\n')
+    record = logging.LogRecord("edd", logging.INFO, __file__, 1, "x %s", ("a\n<2>b\x1b",),
+                               None)
+    edd.EscapeControls().filter(record)
+    assert record.getMessage() == "x a\\x0a<2>b\\x1b"
+
+
+def test_metrics_show_only_visible_deployments():
+    metrics = edd.Metrics()
+    metrics.count("edd_deploys_total", deployment="mine", outcome="deployed")
+    metrics.count("edd_deploys_total", deployment="theirs", outcome="deployed")
+    metrics.count("edd_requests_total", status="200")
+    text = metrics.render(lambda name: name == "mine")
+    assert 'deployment="mine"' in text and "theirs" not in text
+    assert 'edd_requests_total{status="200"} 1' in text
 
 
 def test_log_fields_are_parseable():
