@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zlib
 
 __version__ = "0.1.0"
 
@@ -336,15 +337,95 @@ def _docker_message(stderr):
     return text.replace("Error response from daemon: ", "") or "docker failed"
 
 
+# How each engine says a container or image is not there: docker "No such
+# container: X", "No such image: X"; podman 4.x "no such container X",
+# "X: image not known", and for `rm` "no container with name or ID "X" found".
+MISSING_RE = re.compile(r"no such \w+:? \"?([^\s\"]+)|([^\s:\"]+(?::[^\s:\"]+)?): image not known",
+                        re.IGNORECASE)
+
+
 def _is_missing(message):
-    return "no such" in message.lower()
+    lowered = message.lower()
+    return any(words in lowered for words in ("no such", "not known", "no container with"))
+
+
+def _missing_names(message):
+    return {(a or b).rstrip(":") for a, b in MISSING_RE.findall(message)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """What the `docker` CLI in the config really drives, learned from the CLI itself.
+
+    kind is "docker" or "podman" (a podman-docker shim counts as podman);
+    image_store is "classic" (docker's graph drivers), "containerd" (docker's
+    containerd image store, the default of fresh Docker 29 installs) or "podman".
+    """
+    kind: str
+    version: str = None             # the engine's own (server) version; None: not answering
+    image_store: str = None
+    rootless: bool = False
+
+    @property
+    def thin_archives(self):
+        """Whether `load` accepts an archive that leaves out layers the engine has:
+        True, False, or "oci-layout" (only archives in the OCI image layout).
+
+        docker classic opens a layer file only for a layer it lacks (moby
+        image/tarexport/load.go); the containerd store imports the archive as an
+        OCI index and wants every blob its manifests name unless the content
+        store has it, which only the OCI layout's digests let it look up; podman
+        copies the archive through containers/image, which reads every layer
+        the manifest names (podman#8132)."""
+        return {"classic": True, "containerd": "oci-layout"}.get(self.image_store, False)
+
+    @property
+    def runs_healthchecks(self):
+        """podman runs HEALTHCHECKs from systemd timers: with no systemd to reach
+        (containers, minimal VMs) a health status stays "starting" for ever."""
+        return self.kind != "podman"
+
+    def summary(self):
+        return {"name": self.kind, "version": self.version, "image_store": self.image_store,
+                "rootless": self.rootless}
+
+    def __str__(self):
+        return "%s %s (image store: %s%s)" % (self.kind, self.version or "(not answering)",
+                                               self.image_store or "unknown",
+                                               ", rootless" if self.rootless else "")
+
+
+def engine_from_info(kind, info):
+    """The Engine described by `info --format '{{json .}}'` of a docker or podman CLI."""
+    if kind == "podman":
+        return Engine("podman", (info.get("version") or {}).get("Version"), "podman",
+                      bool(((info.get("host") or {}).get("security") or {}).get("rootless")))
+    # Docker 24+ on the containerd store reports the snapshotter in DriverStatus:
+    # [["driver-type", "io.containerd.snapshotter.v1"]].
+    driver_status = json.dumps(info.get("DriverStatus") or [])
+    store = "containerd" if "io.containerd.snapshotter.v1" in driver_status else "classic"
+    rootless = any("rootless" in option for option in info.get("SecurityOptions") or ())
+    return Engine("docker", info.get("ServerVersion"), store, rootless)
+
+
+def _normalize_id(value):
+    """podman prints ids as bare hex; docker as sha256:hex. edd speaks docker's form."""
+    if isinstance(value, str) and re.match(r"[0-9a-f]{64}\Z", value):
+        return "sha256:" + value
+    return value
 
 
 class Docker:
-    """Runs `docker` with argv lists, never a shell; failures raise DockerError."""
+    """Runs `docker` with argv lists, never a shell; failures raise DockerError.
+
+    The CLI may be podman's: every difference between the engines is handled
+    here, so the deploy logic sees docker's JSON and docker's words.
+    """
 
     def __init__(self, command="docker"):
         self.command = command
+        self.engine = Engine("docker")
+        self._health_runs = {}      # container id -> when edd last ran its HEALTHCHECK
 
     def _call(self, args, timeout, stderr=subprocess.PIPE):
         """Run docker with `args` to the end; return the CompletedProcess (bytes)."""
@@ -366,6 +447,22 @@ class Docker:
             raise DockerError(_docker_message(done.stderr))
         return done.stdout.decode("utf-8", "replace")
 
+    def detect(self, timeout=20):
+        """Learn which engine the CLI drives (`--version`, then `info`); return the Engine.
+
+        `--version` needs no daemon, so the kind is known even when the engine
+        is down; version and image store then stay None and DockerError is raised."""
+        self.engine = Engine("podman" if self.run("--version", timeout=timeout)
+                             .lower().startswith("podman") else "docker")
+        text = self.run("info", "--format", "{{json .}}", timeout=timeout)
+        try:
+            info = json.loads(text)
+        except ValueError:
+            raise DockerError("`%s info` printed no JSON: %s"
+                              % (self.command, text.strip()[:200])) from None
+        self.engine = engine_from_info(self.engine.kind, info)
+        return self.engine
+
     def inspect(self, kind, names):
         """{name: docker's JSON} for the containers or images that exist among `names`."""
         if not names:
@@ -374,13 +471,31 @@ class Docker:
         message = _docker_message(done.stderr)
         if done.returncode != 0 and not _is_missing(message):
             raise DockerError(message)
-        found = json.loads(done.stdout or b"[]")
+        found = [self._normalize(kind, obj) for obj in json.loads(done.stdout or b"[]")]
         # docker keeps the order of the names it found, skipping the missing ones.
-        missing = {name.rstrip(":") for name in re.findall(r"[Nn]o such \w+: (\S+)", message)}
+        missing = _missing_names(message)
         present = [n for n in names if n not in missing]
         if len(present) != len(found):
-            present = [(obj.get("Name") or "").lstrip("/") or obj.get("Id") for obj in found]
+            present = [obj.get("Name") or obj.get("Id") for obj in found]
         return dict(zip(present, found))
+
+    def _normalize(self, kind, obj):
+        """docker's form of podman's JSON: sha256: image ids, names without '/', no
+        empty Health. (Container ids are bare hex on both engines.)"""
+        key = "Id" if kind == "image" else "Image"
+        if key in obj:
+            obj[key] = _normalize_id(obj[key])
+        if "Name" in obj:
+            obj["Name"] = (obj["Name"] or "").lstrip("/")
+        state = obj.get("State")
+        if isinstance(state, dict) and not (state.get("Health") or {}).get("Status"):
+            state["Health"] = None      # podman 4: {"Status": ""}; podman 5: null
+        config = obj.get("Config")
+        if self.engine.kind == "podman" and isinstance(config, dict) and \
+                str(config.get("Image")).startswith("localhost/"):
+            # podman qualifies a local name: edd/web:current is localhost/edd/web:current.
+            config["Image"] = config["Image"][len("localhost/"):]
+        return obj
 
     def container(self, name):
         return self.inspect("container", [name]).get(name)
@@ -405,8 +520,27 @@ class Docker:
                           stderr=subprocess.STDOUT)
         return done.stdout.decode("utf-8", "replace")
 
+    def run_due_healthcheck(self, container):
+        """Run the container's HEALTHCHECK once if the engine does not and one
+        interval has passed since edd last did (the first after one interval, as
+        docker does). The outcome shows in the next inspect."""
+        if self.engine.runs_healthchecks:
+            return
+        interval = ((container.get("Config") or {}).get("Healthcheck") or {}).get("Interval")
+        seconds = (interval or 30e9) / 1e9
+        now = time.monotonic()
+        last = self._health_runs.setdefault(container["Id"], now)
+        if now - last >= seconds:
+            self._health_runs[container["Id"]] = now
+            self._call(["healthcheck", "run", container["Id"]], timeout=max(seconds, 30))
+
     def start_load(self):
-        """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread."""
+        """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread.
+
+        podman's `load` first copies all of stdin to a file in its image_copy_tmp_dir
+        (/var/tmp unless containers.conf or TMPDIR say otherwise) and loads from
+        there: a push to podman needs the archive's size free there, on top of
+        the unpacked layers in its storage."""
         argv = [self.command, "load"]
         log.debug("docker: %s", " ".join(argv))
         try:
@@ -430,6 +564,64 @@ class Docker:
         return process, finish
 
 
+    def load_decoder(self):
+        """A function from each uploaded chunk to what `load` must be given of it.
+
+        podman 4's `load` takes no compressed archive on stdin ("docker-archive:
+        loading tar component manifest.json: archive/tar: invalid tar header"),
+        so for podman edd gunzips a .tar.gz itself, in bounded pieces. docker
+        decompresses by itself: its archive passes through untouched."""
+        if self.engine.kind != "podman":
+            return lambda chunk: (chunk,)
+        return Gunzip()
+
+    def loaded_refs(self, output):
+        """The images a finished `load` printed, as names this engine resolves."""
+        refs = parse_load_output(output)
+        if self.engine.kind == "podman":
+            # podman qualifies names (localhost/website:latest) and prints an
+            # archive without names as its bare id (sha256:HEX, as docker does).
+            refs = [ref[len("localhost/"):] if ref.startswith("localhost/") else ref
+                    for ref in refs]
+        return refs
+
+
+class Gunzip:
+    """Turns a gzip stream, fed chunk by chunk, into pieces of at most BUFFER_SIZE
+    bytes (a small bomb cannot fill memory); a stream that is not gzip passes as is."""
+
+    def __init__(self):
+        self.head = b""         # the first bytes, until there are enough to tell
+        self.zlib = None
+        self.plain = False
+
+    def __call__(self, chunk):
+        if not (self.zlib or self.plain):
+            self.head += bytes(chunk)
+            if len(self.head) < 2:
+                return
+            chunk, self.head = self.head, b""
+            if chunk[:2] == b"\x1f\x8b":
+                self.zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            else:
+                self.plain = True
+        if self.plain:
+            yield chunk
+            return
+        while chunk:
+            try:
+                piece = self.zlib.decompress(chunk, BUFFER_SIZE)
+            except zlib.error as exc:
+                raise BadRequest("the upload is not valid gzip: %s" % exc) from None
+            if piece:
+                yield piece
+            chunk = self.zlib.unconsumed_tail
+
+    def rest(self):
+        """What is still held back once the upload has ended."""
+        return self.head or (self.zlib.flush() if self.zlib else b"")
+
+
 def parse_load_output(text):
     """The image references `docker load` printed: 'repo:tag' names or 'sha256:…' ids."""
     refs = []
@@ -438,6 +630,18 @@ def parse_load_output(text):
         if match and match.group(1) not in refs:
             refs.append(match.group(1))
     return refs
+
+
+def load_failure(returncode, output):
+    """What went wrong with a finished `load`, or None if it loaded.
+
+    Docker 28+ on the containerd store can print "Error unpacking image ..."
+    and still exit 0: the image is not usable, so that is a failure too."""
+    unpacking = [line for line in output.splitlines() if "Error unpacking image" in line]
+    if returncode == 0 and not unpacking:
+        return None
+    message = "\n".join(unpacking) or output.strip()
+    return message.replace("Error response from daemon: ", "") or "exit %d" % returncode
 
 
 # ---------------------------------------------------------------------------
@@ -456,6 +660,13 @@ def _write_all(fd, view):
         view = view[os.write(fd, view):]
 
 
+def _write_all_quietly(fd, view):
+    try:
+        _write_all(fd, view)
+    except BrokenPipeError:
+        pass    # `load` has already refused the archive: its message says why
+
+
 def load_image(docker, chunks, image_choice=None):
     """Stream `chunks` (memoryviews) into `docker load`; return the Loaded image.
 
@@ -464,17 +675,21 @@ def load_image(docker, chunks, image_choice=None):
     is read and dropped, so the client still receives docker's message.
     """
     process, finish = docker.start_load()
+    decode = docker.load_decoder()
     received = 0
     try:
         fd = process.stdin.fileno()
         for chunk in chunks:
             received += len(chunk)
             try:
-                _write_all(fd, chunk)
+                for piece in decode(chunk):
+                    _write_all(fd, piece)
             except BrokenPipeError:
                 for chunk in chunks:
                     received += len(chunk)
                 break
+        else:
+            _write_all_quietly(fd, getattr(decode, "rest", bytes)())
         process.stdin.close()
         returncode = process.wait()
     except BaseException:
@@ -483,12 +698,12 @@ def load_image(docker, chunks, image_choice=None):
         finish()
         raise
     output = finish()
-    if returncode != 0 and received == 0:
+    failure = load_failure(returncode, output)
+    if failure and received == 0:
         raise BadRequest("the upload is empty; send the output of `docker save`")
-    if returncode != 0:
-        message = output.strip().replace("Error response from daemon: ", "")
-        raise BadRequest("docker load failed: %s" % (message or "exit %d" % returncode))
-    return _pick_image(docker, parse_load_output(output), image_choice, received)
+    if failure:
+        raise BadRequest("docker load failed: %s" % failure)
+    return _pick_image(docker, docker.loaded_refs(output), image_choice, received)
 
 
 def _pick_image(docker, refs, image_choice, received):
@@ -689,6 +904,8 @@ class Deployer:
             if health == "starting" and waited >= deployment.health_timeout_seconds:
                 raise EddError("the new container was not healthy within %g s"
                                % deployment.health_timeout_seconds, status=502)
+            if health == "starting":
+                self.docker.run_due_healthcheck(container)
             settling = deployment.settle_seconds - waited
             time.sleep(min(POLL_SECONDS, settling) if settling > 0 else HEALTH_POLL_SECONDS)
 
@@ -822,6 +1039,17 @@ def _number(value):
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
+def detect_engine(docker):
+    """Learn and log the engine behind `docker`; an engine that is down is only a
+    warning (edd can start before it), and /v1/health asks again."""
+    try:
+        log.info("engine: %s, via the CLI %s", docker.detect(), docker.command)
+    except DockerError as exc:
+        log.warning("engine: %s, via the CLI %s, is not answering: %s",
+                    docker.engine.kind, docker.command, exc)
+    return docker
+
+
 class App:
     """The daemon's state: config, TLS context, docker, locks, metrics. Reload swaps
     config and TLS context whole; requests already running keep the ones they took."""
@@ -829,7 +1057,7 @@ class App:
     def __init__(self, config):
         self.config = config
         self.ssl_context = make_ssl_context(config)
-        self.deployer = Deployer(Docker(config.docker))
+        self.deployer = Deployer(detect_engine(Docker(config.docker)))
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self._busy = {}             # deployment name -> what holds it
@@ -847,7 +1075,7 @@ class App:
             log.warning("listen changed to %s:%d; that takes a restart", *config.listen)
             config = dataclasses.replace(config, listen=self.config.listen)
         self.config, self.ssl_context = config, context
-        self.deployer = Deployer(Docker(config.docker))
+        self.deployer = Deployer(detect_engine(Docker(config.docker)))
         log.info("reloaded %s: %d deployments", config.path, len(config.deployments))
         return True
 
@@ -1100,11 +1328,11 @@ _action("delete", "DELETE", "/v1/deployments/{name}")
 @route("GET", "/v1/health")
 def health(app, request):
     try:
-        version = app.deployer.docker.run("version", "--format", "{{.Server.Version}}",
-                                          timeout=10).strip()
+        engine = app.deployer.docker.detect(timeout=10)
     except DockerError as exc:
         raise ServiceUnavailable("docker is not answering: %s" % exc, edd=__version__)
-    return {"status": "ok", "edd": __version__, "docker": version}
+    return {"status": "ok", "edd": __version__, "docker": engine.version,
+            "engine": engine.summary()}
 
 
 @route("GET", "/metrics")
@@ -1605,14 +1833,13 @@ def check(path):
         print("edd: error: %s" % exc, file=sys.stderr)
         return 1
     try:
-        version = Docker(config.docker).run("version", "--format", "{{.Server.Version}}",
-                                            timeout=20).strip()
+        engine = Docker(config.docker).detect()
     except DockerError as exc:
         print("edd: error: docker is not answering: %s" % exc, file=sys.stderr)
         return 1
     count = len(config.deployments)
-    print("edd: %s is valid: %d deployment%s, TLS files load, docker %s answers"
-          % (path, count, "" if count == 1 else "s", version))
+    print("edd: %s is valid: %d deployment%s, TLS files load, %s answers"
+          % (path, count, "" if count == 1 else "s", engine))
     return 0
 
 

@@ -85,14 +85,39 @@ IMAGE_LOCK = "/tmp/edd-test-images.lock"
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "docker: needs a Docker engine (skipped without one, "
-                   "a failure when EDD_REQUIRE_DOCKER=1)")
+        "markers", "docker: needs a container engine; runs once per engine in "
+                   "EDD_TEST_ENGINES (skipped without one, a failure when "
+                   "EDD_REQUIRE_DOCKER=1)")
+    config.addinivalue_line(
+        "markers", "engines(*names, reason=...): run only on these engines")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that needs the engine (the `docker` fixture, directly, through
+    make_image, or by the marker) runs once per engine: test_x[docker], test_x[podman]."""
+    definition = metafunc.definition
+    if "docker" not in metafunc.fixturenames and not definition.get_closest_marker("docker"):
+        return
+    if "docker" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("docker")
+    engines = list(ENGINES)
+    marker = definition.get_closest_marker("engines")
+    if marker:
+        assert marker.kwargs.get("reason"), "@pytest.mark.engines needs a reason="
+        engines = [engine for engine in engines if engine in marker.args]
+    if not engines:
+        # This test has no engine it runs on in this session (EDD_TEST_ENGINES).
+        metafunc.parametrize("docker", [pytest.param(None, marks=pytest.mark.skip(
+            reason="not run on %s" % ", ".join(ENGINES)))], indirect=True, scope="session")
+        return
+    metafunc.parametrize("docker", engines, indirect=True, scope="session", ids=engines)
 
 
 @pytest.fixture(autouse=True)
-def _docker_marker(request):
-    if request.node.get_closest_marker("docker"):
-        request.getfixturevalue("docker")
+def _engine_under_test(request):
+    """docker_cli and the helpers follow the engine of the running test."""
+    callspec = getattr(request.node, "callspec", None)
+    ENGINE["cli"] = (callspec.params.get("docker") if callspec else None) or "docker"
 
 
 # ---------------------------------------------------------------------------
@@ -123,14 +148,16 @@ def run_tag(repo, version="v1"):
     return "%s-%s:%s" % (repo, RUN_ID, version)
 
 
-def docker_cli(*args, check=True, timeout=120, **kwargs):
-    """Run the docker CLI; on failure with check=True, raise with its stderr."""
-    proc = subprocess.run(["docker"] + [str(a) for a in args], stdout=subprocess.PIPE,
+def docker_cli(*args, check=True, timeout=120, cli=None, **kwargs):
+    """Run the CLI of the engine under test (or `cli`); with check=True, raise with its
+    stderr on failure."""
+    cli = cli or ENGINE["cli"]
+    proc = subprocess.run([cli] + [str(a) for a in args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError("docker %s failed (%d): %s"
-                             % (" ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
+        raise AssertionError("%s %s failed (%d): %s"
+                             % (cli, " ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
     return proc
 
 
@@ -182,10 +209,13 @@ def container_state(name):
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def image_id(ref):
-    """The sha256:... id that `ref` points to, or None."""
-    proc = docker_cli("image", "inspect", "--format", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
+def image_id(ref, cli=None):
+    """The sha256:... id that `ref` points to, or None (podman's bare hex gets sha256:)."""
+    proc = docker_cli("image", "inspect", "--format", "{{.Id}}", ref, check=False, cli=cli)
+    if proc.returncode != 0:
+        return None
+    found = proc.stdout.strip()
+    return found if found.startswith("sha256:") else "sha256:" + found
 
 
 def container_labels(name):
@@ -310,21 +340,32 @@ def pki(tmp_path_factory):
 # Docker engine gate and test images
 # ---------------------------------------------------------------------------
 
+class EngineVersion(str):
+    """The engine's version (what `docker` fixtures compare), knowing its CLI's name."""
+    cli = "docker"
+
+
 @pytest.fixture(scope="session")
-def docker():
-    """The engine answers `docker info`, or the test is skipped (failed when required)."""
+def docker(request):
+    """The engine under test (request.param: docker or podman) answers `info`, or the
+    test is skipped (failed when EDD_REQUIRE_DOCKER=1). Returns its EngineVersion."""
+    cli = getattr(request, "param", None) or "docker"
+    version_format = {"podman": "{{.Version.Version}}"}.get(cli, "{{.ServerVersion}}")
     try:
-        proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+        proc = subprocess.run([cli, "info", "--format", version_format],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=30)
-        problem = None if proc.returncode == 0 else (proc.stderr.strip() or "docker info failed")
+        problem = None if proc.returncode == 0 else (proc.stderr.strip() or "info failed")
     except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = "docker info: %s" % exc
+        problem = "%s info: %s" % (cli, exc)
     if problem:
         if os.environ.get("EDD_REQUIRE_DOCKER") == "1":
-            pytest.fail("EDD_REQUIRE_DOCKER=1 but no Docker engine: %s" % problem, pytrace=False)
-        pytest.skip("no Docker engine: %s" % problem)
-    return proc.stdout.strip()
+            pytest.fail("EDD_REQUIRE_DOCKER=1 but no %s engine: %s" % (cli, problem),
+                        pytrace=False)
+        pytest.skip("no %s engine: %s" % (cli, problem))
+    version = EngineVersion(proc.stdout.strip())
+    version.cli = cli
+    return version
 
 
 def _rootfs_tar(content):
@@ -401,14 +442,14 @@ class ImageFactory:
                 argv = ["import"]
                 for change in changes:
                     argv += ["--change", change]
-                proc = subprocess.run(["docker"] + argv + ["-", ref], input=_rootfs_tar(content),
+                proc = subprocess.run([BUILDER] + argv + ["-", ref], input=_rootfs_tar(content),
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
                 if proc.returncode != 0:
                     raise AssertionError("docker import %s: %s" % (ref, proc.stderr.decode()))
-                ids.append(image_id(ref))
+                ids.append(image_id(ref, cli=BUILDER))
             saved = self.dir / "saving.tar"
-            docker_cli("save", "-o", saved, *tags)
-            docker_cli("rmi", *tags)
+            docker_cli("save", "-o", saved, *tags, cli=BUILDER)
+            docker_cli("rmi", *tags, cli=BUILDER)
         if gzip:
             with open(str(saved), "rb") as src, gzip_module.open(str(archive), "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -420,12 +461,19 @@ class ImageFactory:
 
 
 @pytest.fixture(scope="session")
-def make_image(docker, tmp_path_factory):
-    factory = ImageFactory(tmp_path_factory.mktemp("images"))
-    yield factory
-    # Pushes re-create the archive's own tags through `docker load`; drop them.
-    if factory.tags:
-        docker_cli("rmi", "-f", *sorted(factory.tags), check=False)
+def image_factory(tmp_path_factory):
+    """One ImageFactory for all engines: the archives are built once, with BUILDER."""
+    return ImageFactory(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def make_image(docker, image_factory):
+    yield image_factory
+    # Pushes re-create the archive's own tags through `load`; drop them from this
+    # engine (podman's `rmi -f` would also remove containers: never -f there).
+    if image_factory.tags:
+        force = ["-f"] if docker.cli == "docker" else []
+        docker_cli("rmi", *force, *sorted(image_factory.tags), check=False, cli=docker.cli)
 
 
 # ---------------------------------------------------------------------------
@@ -543,6 +591,8 @@ class EddFactory:
 
     def _complete(self, config):
         config = dict(config)
+        if ENGINE["cli"] != "docker":
+            config.setdefault("docker", ENGINE["cli"])
         config.setdefault("listen", "127.0.0.1:%d" % free_port())
         config.setdefault("server_cert", str(self.pki.server_cert))
         config.setdefault("server_key", str(self.pki.server_key))
@@ -580,9 +630,10 @@ def remove_deployment_objects(names):
     names = set(names)
     if not names:
         return
+    label = ('{{index .Labels "edd.deployment"}}' if ENGINE["cli"] == "podman"
+             else '{{.Label "edd.deployment"}}')
     try:
-        listing = docker_cli("ps", "-a", "--format", '{{.Names}}\t{{.Label "edd.deployment"}}',
-                             check=False)
+        listing = docker_cli("ps", "-a", "--format", "{{.Names}}\t" + label, check=False)
     except OSError:         # no docker CLI at all: nothing can have been created
         return
     if listing.returncode != 0:
@@ -597,9 +648,9 @@ def remove_deployment_objects(names):
         docker_cli("rm", "-f", *containers, check=False)
     refs = [ref for ref in docker_cli("images", "--format", "{{.Repository}}:{{.Tag}}",
                                       check=False).stdout.split()
-            if ref.startswith("edd/") and ref[4:].split(":")[0] in names]
+            if _local(ref).startswith("edd/") and _local(ref)[4:].split(":")[0] in names]
     if refs:
-        docker_cli("rmi", "-f", *refs, check=False)
+        docker_cli("rmi", *(["-f"] if ENGINE["cli"] == "docker" else []), *refs, check=False)
 
 
 @pytest.fixture
@@ -798,3 +849,23 @@ def read_all(body, size=7):
         if not count:
             return out
         out += bytes(view[:count])
+
+
+# ---------------------------------------------------------------------------
+# Engines (issue 14): every engine test runs on docker and on podman
+# ---------------------------------------------------------------------------
+# EDD_TEST_ENGINES: the engines to test, comma-separated (default both). With
+# EDD_REQUIRE_DOCKER=1 each one must answer: a missing podman fails, not skips.
+# ENGINE["cli"]: the CLI of the running test's engine; docker_cli, image_id,
+# EddFactory (its config's "docker") and the clean-up follow it.
+# BUILDER: the CLI that builds make_image's archives (docker's import takes
+# HEALTHCHECK; podman's does not); podman tests load those same archives.
+
+ENGINES = [e for e in os.environ.get("EDD_TEST_ENGINES", "docker,podman").split(",") if e]
+ENGINE = {"cli": "docker"}
+BUILDER = "docker"
+
+
+def _local(ref):
+    """podman's name for a local image, as docker spells it: localhost/x:y is x:y."""
+    return ref[len("localhost/"):] if ref.startswith("localhost/") else ref
