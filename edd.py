@@ -641,6 +641,11 @@ def load_failure(returncode, output):
     if returncode == 0 and not unpacking:
         return None
     message = "\n".join(unpacking) or output.strip()
+    # podman lists what each of its format readers said, with the names of its
+    # temporary files; for a `docker save` upload the docker-archive one counts.
+    reader = re.search(r"^\s*\* docker-archive: (.*)$", message, re.MULTILINE)
+    if reader and "does not match any of the supported image formats" in message:
+        message = "not an image archive (docker-archive: %s)" % reader.group(1)
     return message.replace("Error response from daemon: ", "") or "exit %d" % returncode
 
 

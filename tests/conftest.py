@@ -52,6 +52,7 @@ import ssl
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.request
@@ -437,19 +438,16 @@ class ImageFactory:
         # rmi so that nobody retags one of our tags in between.
         with open(IMAGE_LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            builder = image_builder()
             ids = []
             for (tag, content, changes), ref in zip(specs, tags):
-                argv = ["import"]
-                for change in changes:
-                    argv += ["--change", change]
-                proc = subprocess.run([BUILDER] + argv + ["-", ref], input=_rootfs_tar(content),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-                if proc.returncode != 0:
-                    raise AssertionError("docker import %s: %s" % (ref, proc.stderr.decode()))
-                ids.append(image_id(ref, cli=BUILDER))
+                build_image(builder, ref, _rootfs_tar(content), changes, self.dir)
+                ids.append(image_id(ref, cli=builder))
             saved = self.dir / "saving.tar"
-            docker_cli("save", "-o", saved, *tags, cli=BUILDER)
-            docker_cli("rmi", *tags, cli=BUILDER)
+            # podman saves one image unless told -m; both write docker's layout.
+            many = ["-m"] if builder == "podman" and len(tags) > 1 else []
+            docker_cli("save", *many, "-o", saved, *tags, cli=builder)
+            docker_cli("rmi", *tags, cli=builder)
         if gzip:
             with open(str(saved), "rb") as src, gzip_module.open(str(archive), "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -472,7 +470,7 @@ def make_image(docker, image_factory):
     # Pushes re-create the archive's own tags through `load`; drop them from this
     # engine (podman's `rmi -f` would also remove containers: never -f there).
     if image_factory.tags:
-        force = ["-f"] if docker.cli == "docker" else []
+        force = [] if is_podman(docker.cli) else ["-f"]
         docker_cli("rmi", *force, *sorted(image_factory.tags), check=False, cli=docker.cli)
 
 
@@ -499,6 +497,7 @@ class Edd:
         self.config_path = Path(config_path)
         self.log_path = Path(log_path)
         self.proc = None
+        self.command = [sys.executable, str(EDD)]     # a test may run edd as another user
         self.port = int(config["listen"].rsplit(":", 1)[1])
         self.url = "https://127.0.0.1:%d" % self.port
 
@@ -506,7 +505,7 @@ class Edd:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(str(self.log_path), "ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, str(EDD), "--config", str(self.config_path)],
+                self.command + ["--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=str(self.config_path.parent))
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -574,6 +573,7 @@ class EddFactory:
         self.pki = pki
         self.instances = []
         self.names = set()
+        self.command = None     # argv that runs edd.py, when not this Python
 
     def deployment(self, name=None, **settings):
         """A deployment publishing container port 8000 on 127.0.0.1:<free port>.
@@ -591,8 +591,8 @@ class EddFactory:
 
     def _complete(self, config):
         config = dict(config)
-        if ENGINE["cli"] != "docker":
-            config.setdefault("docker", ENGINE["cli"])
+        if ENGINE["cli"] == "podman":
+            config.setdefault("docker", "podman")
         config.setdefault("listen", "127.0.0.1:%d" % free_port())
         config.setdefault("server_cert", str(self.pki.server_cert))
         config.setdefault("server_key", str(self.pki.server_key))
@@ -613,6 +613,7 @@ class EddFactory:
         config_path = self.tmp_path / ("edd-%d.json" % number)
         config_path.write_text(json.dumps(config, indent=2))
         edd = Edd(self, config, config_path, self.tmp_path / ("edd-%d.log" % number))
+        edd.command = list(self.command or edd.command)
         self.instances.append(edd)
         return edd.launch()
 
@@ -630,7 +631,7 @@ def remove_deployment_objects(names):
     names = set(names)
     if not names:
         return
-    label = ('{{index .Labels "edd.deployment"}}' if ENGINE["cli"] == "podman"
+    label = ('{{index .Labels "edd.deployment"}}' if is_podman()
              else '{{.Label "edd.deployment"}}')
     try:
         listing = docker_cli("ps", "-a", "--format", "{{.Names}}\t" + label, check=False)
@@ -650,7 +651,7 @@ def remove_deployment_objects(names):
                                       check=False).stdout.split()
             if _local(ref).startswith("edd/") and _local(ref)[4:].split(":")[0] in names]
     if refs:
-        docker_cli("rmi", *(["-f"] if ENGINE["cli"] == "docker" else []), *refs, check=False)
+        docker_cli("rmi", *([] if is_podman() else ["-f"]), *refs, check=False)
 
 
 @pytest.fixture
@@ -858,12 +859,50 @@ def read_all(body, size=7):
 # EDD_REQUIRE_DOCKER=1 each one must answer: a missing podman fails, not skips.
 # ENGINE["cli"]: the CLI of the running test's engine; docker_cli, image_id,
 # EddFactory (its config's "docker") and the clean-up follow it.
-# BUILDER: the CLI that builds make_image's archives (docker's import takes
-# HEALTHCHECK; podman's does not); podman tests load those same archives.
+# image_builder(): the CLI that builds make_image's archives (EDD_TEST_BUILDER,
+# or docker when it answers: its import takes HEALTHCHECK; else podman build,
+# FROM scratch). Every engine's tests load those same docker-layout archives.
 
 ENGINES = [e for e in os.environ.get("EDD_TEST_ENGINES", "docker,podman").split(",") if e]
 ENGINE = {"cli": "docker"}
-BUILDER = "docker"
+_BUILDER = []
+
+
+def image_builder():
+    if not _BUILDER and os.environ.get("EDD_TEST_BUILDER"):
+        _BUILDER.append(os.environ["EDD_TEST_BUILDER"])
+    if not _BUILDER:
+        docker_answers = shutil.which("docker") and subprocess.run(
+            ["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=30).returncode == 0
+        _BUILDER.append("docker" if docker_answers else "podman")
+    return _BUILDER[0]
+
+
+def build_image(builder, ref, rootfs, changes, directory):
+    """Tag `ref` in `builder`'s store: `rootfs` (a tar) plus Dockerfile `changes`."""
+    if builder == "docker":
+        argv = ["docker", "import"]
+        for change in changes:
+            argv += ["--change", change]
+        proc = subprocess.run(argv + ["-", ref], input=rootfs, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+    else:
+        context = Path(tempfile.mkdtemp(dir=str(directory)))
+        (context / "rootfs.tar").write_bytes(rootfs)
+        (context / "Containerfile").write_text(
+            "FROM scratch\nADD rootfs.tar /\n" + "\n".join(changes) + "\n")
+        proc = subprocess.run(["podman", "build", "-q", "--format", "docker", "-t", ref,
+                               str(context)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120)
+        shutil.rmtree(str(context))
+    if proc.returncode != 0:
+        raise AssertionError("%s: building %s: %s" % (builder, ref, proc.stderr.decode()))
+
+
+def is_podman(cli=None):
+    """Whether `cli` (default: the running test's engine) is podman, or a wrapper of it."""
+    return "podman" in os.path.basename(cli or ENGINE["cli"])
 
 
 def _local(ref):
