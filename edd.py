@@ -17,7 +17,8 @@ API (JSON in and out; errors are {"error": "..."}):
     POST       /v1/deployments/NAME/start|stop|restart|rollback
     DELETE     /v1/deployments/NAME                stop and remove the container
     GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text)
-    GET        /v1/health                          edd and docker are answering
+    GET        /v1/health                          edd and the engine answer: its name,
+                                                   version and image store
     GET        /metrics                            Prometheus text format
     /v1/NAME/ACTION is accepted as an alias of /v1/deployments/NAME/ACTION.
 
@@ -25,6 +26,9 @@ Threat model: mutual TLS proves that a client holds a key certified by client_ca
 `clients` and `admins` narrow which deployments each identity may touch. A client
 chooses only the image: what the container may do is fixed by the host's config.
 An image is code: whoever may push to a deployment runs code with its `args`.
+
+The engine is Docker (20.10, and 25-29 on either image store) or Podman, rootful
+or rootless: the `docker` key names the CLI, and edd asks it which engine it is.
 
 Supports CPython 3.8 and newer; standard library only.
 """
@@ -563,7 +567,6 @@ class Docker:
             return output[0].decode("utf-8", "replace") if output else ""
         return process, finish
 
-
     def load_decoder(self):
         """A function from each uploaded chunk to what `load` must be given of it.
 
@@ -571,9 +574,7 @@ class Docker:
         loading tar component manifest.json: archive/tar: invalid tar header"),
         so for podman edd gunzips a .tar.gz itself, in bounded pieces. docker
         decompresses by itself: its archive passes through untouched."""
-        if self.engine.kind != "podman":
-            return lambda chunk: (chunk,)
-        return Gunzip()
+        return Gunzip(active=self.engine.kind == "podman")
 
     def loaded_refs(self, output):
         """The images a finished `load` printed, as names this engine resolves."""
@@ -588,12 +589,13 @@ class Docker:
 
 class Gunzip:
     """Turns a gzip stream, fed chunk by chunk, into pieces of at most BUFFER_SIZE
-    bytes (a small bomb cannot fill memory); a stream that is not gzip passes as is."""
+    bytes (a small bomb cannot fill memory); a stream that is not gzip, or any
+    stream when not `active`, passes as is."""
 
-    def __init__(self):
+    def __init__(self, active=True):
         self.head = b""         # the first bytes, until there are enough to tell
         self.zlib = None
-        self.plain = False
+        self.plain = not active
 
     def __call__(self, chunk):
         if not (self.zlib or self.plain):
@@ -635,8 +637,10 @@ def parse_load_output(text):
 def load_failure(returncode, output):
     """What went wrong with a finished `load`, or None if it loaded.
 
-    Docker 28+ on the containerd store can print "Error unpacking image ..."
-    and still exit 0: the image is not usable, so that is a failure too."""
+    Docker 27.2+ on the containerd store prints "Error unpacking image ..." and
+    still exits 0 when it imported an image but could not unpack it (moby
+    daemon/containerd/image_exporter.go): the image cannot run, so that is a
+    failed load too."""
     unpacking = [line for line in output.splitlines() if "Error unpacking image" in line]
     if returncode == 0 and not unpacking:
         return None
@@ -694,7 +698,7 @@ def load_image(docker, chunks, image_choice=None):
                     received += len(chunk)
                 break
         else:
-            _write_all_quietly(fd, getattr(decode, "rest", bytes)())
+            _write_all_quietly(fd, decode.rest())
         process.stdin.close()
         returncode = process.wait()
     except BaseException:

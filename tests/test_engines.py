@@ -143,6 +143,9 @@ def test_gunzip_in_any_chunking(size):
     plain = os.urandom(50000) + b"\0" * 300000
     assert gunzip_all(gzip.compress(plain), size) == plain
     assert gunzip_all(plain, size) == plain                     # not gzip: as is
+    decode = edd.Gunzip(active=False)                           # docker gunzips itself
+    gz = gzip.compress(plain)
+    assert b"".join(decode(gz)) + decode.rest() == gz
 
 
 def test_gunzip_pieces_are_bounded():
@@ -180,27 +183,35 @@ def test_health_and_check_name_the_engine(edd_factory, docker):
                                        engine["image_store"]) in done.stdout, done.stdout
 
 
-def _without_names(archive, destination):
-    """`archive` (a docker save) with every name taken out of its metadata."""
+def rewrite_json(archive, destination, member_name, edit):
+    """A copy of a tar `archive` in which the JSON member `member_name` is edit(value)."""
     with tarfile.open(str(archive)) as source, tarfile.open(str(destination), "w") as out:
         for member in source.getmembers():
             data = source.extractfile(member).read() if member.isfile() else None
-            if member.name == "repositories":
-                continue
-            if member.name == "manifest.json":
-                manifest = json.loads(data)
-                for entry in manifest:
-                    entry["RepoTags"] = None
-                data = json.dumps(manifest).encode()
+            if member.name == member_name:
+                data = json.dumps(edit(json.loads(data))).encode()
                 member.size = len(data)
             out.addfile(member, io.BytesIO(data) if data is not None else None)
     return destination
 
 
+def without_repo_tags(manifest):
+    for entry in manifest:
+        entry["RepoTags"] = None
+    return manifest
+
+
+def without_ref_names(index):
+    for manifest in index["manifests"]:
+        manifest.pop("annotations", None)
+    return index
+
+
 def test_archive_without_names_deploys_by_its_id(edd_factory, make_image, docker, tmp_path):
     # The load path of issue 9 strips every name: the engine then prints only
     # the id (docker: "Loaded image ID: sha256:…", podman: "Loaded image: sha256:…").
-    archive = _without_names(make_image(V1, content=V1_TEXT), tmp_path / "nameless.tar")
+    archive = rewrite_json(make_image(V1, content=V1_TEXT), tmp_path / "nameless.tar",
+                           "manifest.json", without_repo_tags)
     deployment = edd_factory.deployment()
     edd_process = edd_factory.start([deployment])
     reply = curl(edd_process, "POST", "/v1/deployments/%s/load" % deployment.name,
@@ -244,17 +255,8 @@ def test_podman_loads_an_oci_archive_without_names(edd_factory, make_image, dock
     oci = tmp_path / "oci.tar"
     docker_cli("save", "--format", "oci-archive", "-o", oci, V1)
     docker_cli("rmi", V1)
-    stripped = tmp_path / "oci-nameless.tar"
-    with tarfile.open(str(oci)) as source, tarfile.open(str(stripped), "w") as out:
-        for member in source.getmembers():
-            data = source.extractfile(member).read() if member.isfile() else None
-            if member.name == "index.json":
-                index = json.loads(data)
-                for manifest in index["manifests"]:
-                    manifest.pop("annotations", None)
-                data = json.dumps(index).encode()
-                member.size = len(data)
-            out.addfile(member, io.BytesIO(data) if data is not None else None)
+    stripped = rewrite_json(oci, tmp_path / "oci-nameless.tar", "index.json",
+                            without_ref_names)
     deployment = edd_factory.deployment()
     edd_process = edd_factory.start([deployment])
     reply = curl(edd_process, "POST", "/v1/deployments/%s/load" % deployment.name,

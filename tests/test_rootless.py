@@ -9,6 +9,7 @@ test is skipped, or fails when EDD_REQUIRE_DOCKER=1.
 
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -116,3 +117,47 @@ def test_rootless_podman_edd_deploys_gates_restores_and_rolls_back(rootless, ima
         found = subprocess.run([cli, "container", "inspect", deployment.name],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         assert found.returncode != 0, cli
+
+
+# ---------------------------------------------------------------------------
+# The README's drop-in for edd.service, as systemd-analyze sees it
+# ---------------------------------------------------------------------------
+
+def readme_drop_in():
+    """The ```ini block of the README's "Rootless Podman" section."""
+    text = (EDD.parent / "README.md").read_text()
+    section = text[text.index("### Rootless Podman"):]
+    return section.split("```ini\n", 1)[1].split("```", 1)[0], section
+
+
+def test_readme_drop_in_verifies_and_scores_as_the_readme_says(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        if os.environ.get("CI") or os.environ.get("EDD_REQUIRE_DOCKER") == "1":
+            pytest.fail("systemd-analyze is missing (Debian package: systemd)")
+        pytest.skip("systemd-analyze is not installed")
+    drop_in, section = readme_drop_in()
+    assert "User=edd" in drop_in.splitlines()
+    destdir = tmp_path / "root"
+    done = subprocess.run(["make", "--no-print-directory", "-C", str(EDD.parent), "install",
+                           "DESTDIR=%s" % destdir, "PREFIX=/usr/local"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True)
+    assert done.returncode == 0, done.stdout
+    unit = (destdir / "lib/systemd/system/edd.service").read_text().replace(
+        "ExecStart=/usr/local/bin/edd ", "ExecStart=%s/usr/local/bin/edd " % destdir)
+    # Settings later in one file override earlier ones, as a drop-in's do.
+    checked = tmp_path / "checked" / "edd.service"
+    checked.parent.mkdir()
+    checked.write_text(unit + "\n" + drop_in)
+    analyze = ["systemd-analyze", "--no-pager"]
+    verify = subprocess.run(analyze + ["verify", str(checked)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True)
+    assert verify.returncode == 0 and verify.stdout.strip() == "", verify.stdout
+    security = subprocess.run(analyze + ["security", "--offline=true", str(checked)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True)
+    measured = re.search(r"Overall exposure level for edd\.service: (\d+\.\d+)",
+                         security.stdout)
+    stated = re.search(r"scores the unit with this drop-in\s+(\d+\.\d+)", section)
+    assert measured and stated, security.stdout
+    assert measured.group(1) == stated.group(1), security.stdout
