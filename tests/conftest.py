@@ -6,8 +6,15 @@ Fixture API (keep these names stable; other test files use them):
         .dir .ca .ca_key .other_ca .server_cert .server_key
         .client(name) -> (crt, key)   alice, bob, mallory, expired, future
         .make_client(name, cn=None, san=None, issuer="ca", startdate=None, enddate=None)
-    docker                    session: skip (fail with EDD_REQUIRE_DOCKER=1) without an engine
+    docker                    session, one per engine (EDD_TEST_ENGINES, default
+                              docker,podman): the engine's version (a str with .cli);
+                              skip (fail with EDD_REQUIRE_DOCKER=1) without that engine.
+                              Every test using it, make_image or the marker runs as
+                              test_x[docker] and test_x[podman].
     @pytest.mark.docker       applies the `docker` fixture to a test
+    @pytest.mark.engines("podman", reason="...")   only on these engines
+    image_factory             session: the ImageFactory behind make_image, without the
+                              engine check (archives are engine-neutral)
     make_image(tag, content=..., cmd=None, healthcheck=None, exits=False, gzip=False)
                               session-cached `docker save` archive (Path); the image is
                               removed from the engine after saving, so a push really loads it.
@@ -29,8 +36,11 @@ Fixture API (keep these names stable; other test files use them):
     fetch(port, path="/", timeout=10) -> str    what the container serves (retries)
     unreachable(port) -> bool                   nothing answers HTTP on that port
     free_port(), unique_name(), run_tag(repo, version="v1") (a per-session image tag)
-    docker_cli(*args, check=True) -> CompletedProcess   (text, captured)
-    container_state(name), container_labels(name), image_id(ref), wait_for(predicate),
+    docker_cli(*args, check=True, cli=None) -> CompletedProcess   (text, captured); the
+                              running test's engine CLI (ENGINE["cli"]) unless cli= names one
+    is_podman(cli=None), image_builder() (the CLI that builds make_image's archives)
+    Edd.command, EddFactory.command   argv that runs edd.py (a test may run it as a user)
+    container_state(name), container_labels(name), image_id(ref, cli=None), wait_for(predicate),
     read_response(sock), client_context(pki, cert)
     HTTPD_CMD, PROMPT_STOP_CMD (the default CMD), EXITS_CMD, HEALTHY_CHECK, FAILING_CHECK
 

@@ -33,8 +33,9 @@ def _unavailable(problem):
 
 
 @pytest.fixture
-def rootless(pki):
-    """(EddFactory whose edd runs as ROOTLESS_USER, the files edd reads, run-as prefix)."""
+def rootless(pki, tmp_path):
+    """(an EddFactory whose edd runs as ROOTLESS_USER, that user's pwd entry). Its
+    .files are the TLS files in a directory the user owns, for the config."""
     if os.geteuid() != 0:
         _unavailable("the test must run as root to start edd as %s" % ROOTLESS_USER)
     try:
@@ -61,8 +62,9 @@ def rootless(pki):
     for path in [work] + list(files.values()):
         os.chown(str(path), user.pw_uid, user.pw_gid)
     # The test's own look at the user's podman (docker_cli, clean-up) goes
-    # through this wrapper: the same podman, the same user.
-    wrapper = work / "podman-as-user"
+    # through this wrapper: the same podman, the same user. Root runs it, so it
+    # lives where only root can write.
+    wrapper = tmp_path / "podman-as-user"
     wrapper.write_text("#!/bin/sh\nexec %s podman \"$@\"\n" % " ".join(as_user))
     wrapper.chmod(0o755)
     previous, ENGINE["cli"] = ENGINE["cli"], str(wrapper)
