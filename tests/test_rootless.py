@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (EDD, ENGINE, EXITS_CMD, HEALTHY_CHECK, EddFactory, curl, fetch,
-                      https_request, run_tag)
+from conftest import (EDD, ENGINE, EXITS_CMD, HEALTHY_CHECK, EddFactory, curl, docker_cli,
+                      fetch, https_request, run_tag)
 
 ROOTLESS_USER = os.environ.get("EDD_TEST_ROOTLESS_USER", "edd-rootless")
 V1, V2 = run_tag("edd-rootless-site", "v1"), run_tag("edd-rootless-site", "v2")
@@ -76,6 +76,12 @@ def rootless(pki, tmp_path):
         yield factory, user
     finally:
         factory.cleanup()
+        # Pushes tagged the archives' own names (edd-rootless-…) in the user's store.
+        pushed = [ref for ref in docker_cli("images", "--format", "{{.Repository}}:{{.Tag}}",
+                                            check=False).stdout.split()
+                  if ref.split("/")[-1].startswith("edd-rootless-")]
+        if pushed:
+            docker_cli("rmi", *pushed, check=False)
         ENGINE["cli"] = previous
         shutil.rmtree(str(work), ignore_errors=True)
 
