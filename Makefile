@@ -2,7 +2,7 @@
 #
 #   make run         a local edd on 127.0.0.1:8866 (config.example.json, dev PKI)
 #   make certs       the dev PKI in ./pki/ (CA, server and client certificates)
-#   make test        the test suite (needs pytest, and Docker for most tests)
+#   make test        the test suite (pytest: into .venv when missing; engines)
 #   make install     program, systemd unit and /etc/edd/config.json (if absent)
 #   make uninstall   remove program and unit; /etc/edd is left alone
 #   make bench       the benchmark (issue 5); BENCH_ARGS=--full adds 1 GiB
@@ -18,6 +18,8 @@ BINDIR  ?= $(PREFIX)/bin
 UNITDIR ?= /lib/systemd/system
 CONFDIR ?= /etc/edd
 PKI     ?= pki
+VENV    ?= .venv
+TESTS   ?= tests
 
 # Dev certificates: EC P-256 keys, which openssl makes instantly.
 NEWKEY   = openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256
@@ -31,8 +33,20 @@ help:
 run: certs
 	$(PYTHON) edd.py --config config.example.json
 
+# The tests need pytest and nothing else from outside the standard library.
+# When $(PYTHON) has no pytest, it goes into a virtual environment in $(VENV)
+# (Debian/Ubuntu: the python3-venv package). EDD_TEST_ENGINES picks the
+# engines (default docker,podman); EDD_REQUIRE_DOCKER=1 fails when one is
+# missing instead of skipping its tests. TESTS=tests/test_units.py runs one file.
 test:
-	$(PYTHON) -m pytest -q tests
+	@if $(PYTHON) -m pytest --version >/dev/null 2>&1; then py='$(PYTHON)'; \
+	else $(MAKE) --no-print-directory $(VENV)/bin/pytest && py='$(VENV)/bin/python'; fi; \
+	echo "$$py -m pytest -q $(TESTS)"; $$py -m pytest -q $(TESTS)
+
+$(VENV)/bin/pytest:
+	$(PYTHON) -m venv $(VENV) || { echo "make test: cannot make a venv;" \
+	    "on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 1; }
+	$(VENV)/bin/python -m pip install -q pytest
 
 # edd against `docker load` locally and over ssh; bench/bench.py says what it
 # measures. Needs root, a Docker engine, curl, openssl, openssh-server and
@@ -152,4 +166,4 @@ uninstall:
 	@echo "left $(DESTDIR)$(CONFDIR) in place (config and keys)"
 
 clean:
-	rm -rf $(PKI) .pytest_cache tests/__pycache__
+	rm -rf $(PKI) $(VENV) .pytest_cache tests/__pycache__

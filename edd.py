@@ -18,7 +18,8 @@ API (JSON in and out; errors are {"error": "..."}):
     DELETE     /v1/deployments/NAME                stop and remove the container
     GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text,
                                                    streamed, at most max_log_bytes)
-    GET        /v1/health                          edd and docker are answering
+    GET        /v1/health                          edd and the engine answer: its name,
+                                                   version and image store
     GET        /metrics                            Prometheus text format (the series
                                                    of deployments this client may use)
     /v1/NAME/ACTION is accepted as an alias of /v1/deployments/NAME/ACTION.
@@ -34,6 +35,9 @@ are removed before `docker load` sees them (edd tags only edd/NAME:current and
 out is accepted only if the deployment's own images have it (else 403).
 Connections, handshakes, uploads and log output are bounded, so one client
 cannot starve the others.
+
+The engine is Docker (20.10, and 25-29 on either image store) or Podman, rootful
+or rootless: the `docker` key names the CLI, and edd asks it which engine it is.
 
 Supports CPython 3.8 and newer; standard library only.
 """
@@ -415,15 +419,95 @@ def _docker_message(stderr):
     return text.replace("Error response from daemon: ", "") or "docker failed"
 
 
+# How each engine says a container or image is not there: docker "No such
+# container: X", "No such image: X"; podman 4.x "no such container X",
+# "X: image not known", and for `rm` "no container with name or ID "X" found".
+MISSING_RE = re.compile(r"no such \w+:? \"?([^\s\"]+)|([^\s:\"]+(?::[^\s:\"]+)?): image not known",
+                        re.IGNORECASE)
+
+
 def _is_missing(message):
-    return "no such" in message.lower()
+    lowered = message.lower()
+    return any(words in lowered for words in ("no such", "not known", "no container with"))
+
+
+def _missing_names(message):
+    return {(a or b).rstrip(":") for a, b in MISSING_RE.findall(message)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """What the `docker` CLI in the config really drives, learned from the CLI itself.
+
+    kind is "docker" or "podman" (a podman-docker shim counts as podman);
+    image_store is "classic" (docker's graph drivers), "containerd" (docker's
+    containerd image store, the default of fresh Docker 29 installs) or "podman".
+    """
+    kind: str
+    version: str = None             # the engine's own (server) version; None: not answering
+    image_store: str = None
+    rootless: bool = False
+
+    @property
+    def thin_archives(self):
+        """Whether `load` accepts an archive that leaves out layers the engine has:
+        True, False, or "oci-layout" (only archives in the OCI image layout).
+
+        docker classic opens a layer file only for a layer it lacks (moby
+        image/tarexport/load.go); the containerd store imports the archive as an
+        OCI index and wants every blob its manifests name unless the content
+        store has it, which only the OCI layout's digests let it look up; podman
+        copies the archive through containers/image, which reads every layer
+        the manifest names (podman#8132)."""
+        return {"classic": True, "containerd": "oci-layout"}.get(self.image_store, False)
+
+    @property
+    def runs_healthchecks(self):
+        """podman runs HEALTHCHECKs from systemd timers: with no systemd to reach
+        (containers, minimal VMs) a health status stays "starting" for ever."""
+        return self.kind != "podman"
+
+    def summary(self):
+        return {"name": self.kind, "version": self.version, "image_store": self.image_store,
+                "rootless": self.rootless}
+
+    def __str__(self):
+        return "%s %s (image store: %s%s)" % (self.kind, self.version or "(not answering)",
+                                               self.image_store or "unknown",
+                                               ", rootless" if self.rootless else "")
+
+
+def engine_from_info(kind, info):
+    """The Engine described by `info --format '{{json .}}'` of a docker or podman CLI."""
+    if kind == "podman":
+        return Engine("podman", (info.get("version") or {}).get("Version"), "podman",
+                      bool(((info.get("host") or {}).get("security") or {}).get("rootless")))
+    # Docker 24+ on the containerd store reports the snapshotter in DriverStatus:
+    # [["driver-type", "io.containerd.snapshotter.v1"]].
+    driver_status = json.dumps(info.get("DriverStatus") or [])
+    store = "containerd" if "io.containerd.snapshotter.v1" in driver_status else "classic"
+    rootless = any("rootless" in option for option in info.get("SecurityOptions") or ())
+    return Engine("docker", info.get("ServerVersion"), store, rootless)
+
+
+def _normalize_id(value):
+    """podman prints ids as bare hex; docker as sha256:hex. edd speaks docker's form."""
+    if isinstance(value, str) and re.match(r"[0-9a-f]{64}\Z", value):
+        return "sha256:" + value
+    return value
 
 
 class Docker:
-    """Runs `docker` with argv lists, never a shell; failures raise DockerError."""
+    """Runs `docker` with argv lists, never a shell; failures raise DockerError.
+
+    The CLI may be podman's: every difference between the engines is handled
+    here, so the deploy logic sees docker's JSON and docker's words.
+    """
 
     def __init__(self, command="docker"):
         self.command = command
+        self.engine = Engine("docker")
+        self._health_runs = {}      # container id -> when edd last ran its HEALTHCHECK
 
     def _call(self, args, timeout, stderr=subprocess.PIPE):
         """Run docker with `args` to the end; return the CompletedProcess (bytes)."""
@@ -445,6 +529,22 @@ class Docker:
             raise DockerError(_docker_message(done.stderr))
         return done.stdout.decode("utf-8", "replace")
 
+    def detect(self, timeout=20):
+        """Learn which engine the CLI drives (`--version`, then `info`); return the Engine.
+
+        `--version` needs no daemon, so the kind is known even when the engine
+        is down; version and image store then stay None and DockerError is raised."""
+        self.engine = Engine("podman" if self.run("--version", timeout=timeout)
+                             .lower().startswith("podman") else "docker")
+        text = self.run("info", "--format", "{{json .}}", timeout=timeout)
+        try:
+            info = json.loads(text)
+        except ValueError:
+            raise DockerError("`%s info` printed no JSON: %s"
+                              % (self.command, text.strip()[:200])) from None
+        self.engine = engine_from_info(self.engine.kind, info)
+        return self.engine
+
     def inspect(self, kind, names):
         """{name: docker's JSON} for the containers or images that exist among `names`."""
         if not names:
@@ -453,13 +553,31 @@ class Docker:
         message = _docker_message(done.stderr)
         if done.returncode != 0 and not _is_missing(message):
             raise DockerError(message)
-        found = json.loads(done.stdout or b"[]")
+        found = [self._normalize(kind, obj) for obj in json.loads(done.stdout or b"[]")]
         # docker keeps the order of the names it found, skipping the missing ones.
-        missing = {name.rstrip(":") for name in re.findall(r"[Nn]o such \w+: (\S+)", message)}
+        missing = _missing_names(message)
         present = [n for n in names if n not in missing]
         if len(present) != len(found):
-            present = [(obj.get("Name") or "").lstrip("/") or obj.get("Id") for obj in found]
+            present = [obj.get("Name") or obj.get("Id") for obj in found]
         return dict(zip(present, found))
+
+    def _normalize(self, kind, obj):
+        """docker's form of podman's JSON: sha256: image ids, names without '/', no
+        empty Health. (Container ids are bare hex on both engines.)"""
+        key = "Id" if kind == "image" else "Image"
+        if key in obj:
+            obj[key] = _normalize_id(obj[key])
+        if "Name" in obj:
+            obj["Name"] = (obj["Name"] or "").lstrip("/")
+        state = obj.get("State")
+        if isinstance(state, dict) and not (state.get("Health") or {}).get("Status"):
+            state["Health"] = None      # podman 4: {"Status": ""}; podman 5: null
+        config = obj.get("Config")
+        if self.engine.kind == "podman" and isinstance(config, dict) and \
+                str(config.get("Image")).startswith("localhost/"):
+            # podman qualifies a local name: edd/web:current is localhost/edd/web:current.
+            config["Image"] = config["Image"][len("localhost/"):]
+        return obj
 
     def container(self, name):
         return self.inspect("container", [name]).get(name)
@@ -487,6 +605,20 @@ class Docker:
         done = self._call(["logs", "--tail", str(tail), name], timeout=60,
                           stderr=subprocess.STDOUT)
         return done.stdout.decode("utf-8", "replace")
+
+    def run_due_healthcheck(self, container):
+        """Run the container's HEALTHCHECK once if the engine does not and one
+        interval has passed since edd last did (the first after one interval, as
+        docker does). The outcome shows in the next inspect."""
+        if self.engine.runs_healthchecks:
+            return
+        interval = ((container.get("Config") or {}).get("Healthcheck") or {}).get("Interval")
+        seconds = (interval or 30e9) / 1e9
+        now = time.monotonic()
+        last = self._health_runs.setdefault(container["Id"], now)
+        if now - last >= seconds:
+            self._health_runs[container["Id"]] = now
+            self._call(["healthcheck", "run", container["Id"]], timeout=max(seconds, 30))
 
     def stream(self, args, timeout=300, size=1 << 16):
         """Run docker with `args`; yield its output (stderr merged) `size` bytes at a time.
@@ -523,7 +655,12 @@ class Docker:
             process.wait()
 
     def start_load(self):
-        """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread."""
+        """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread.
+
+        podman's `load` first copies all of stdin to a file in its image_copy_tmp_dir
+        (/var/tmp unless containers.conf or TMPDIR say otherwise) and loads from
+        there: a push to podman needs the archive's size free there, on top of
+        the unpacked layers in its storage."""
         process = self._popen(["load"], subprocess.PIPE)
         try:
             fcntl.fcntl(process.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
@@ -539,6 +676,16 @@ class Docker:
             return output[0].decode("utf-8", "replace") if output else ""
         return process, finish
 
+    def loaded_refs(self, output):
+        """The images a finished `load` printed, as names this engine resolves."""
+        refs = parse_load_output(output)
+        if self.engine.kind == "podman":
+            # podman qualifies names (localhost/website:latest) and prints an
+            # archive without names as its bare id (sha256:HEX, as docker does).
+            refs = [ref[len("localhost/"):] if ref.startswith("localhost/") else ref
+                    for ref in refs]
+        return refs
+
 
 def parse_load_output(text):
     """The image references `docker load` printed: 'repo:tag' names or 'sha256:…' ids."""
@@ -548,6 +695,25 @@ def parse_load_output(text):
         if match and match.group(1) not in refs:
             refs.append(match.group(1))
     return refs
+
+
+def load_failure(returncode, output):
+    """What went wrong with a finished `load`, or None if it loaded.
+
+    Docker 27.2+ on the containerd store prints "Error unpacking image ..." and
+    still exits 0 when it imported an image but could not unpack it (moby
+    daemon/containerd/image_exporter.go): the image cannot run, so that is a
+    failed load too."""
+    unpacking = [line for line in output.splitlines() if "Error unpacking image" in line]
+    if returncode == 0 and not unpacking:
+        return None
+    message = "\n".join(unpacking) or output.strip()
+    # podman lists what each of its format readers said, with the names of its
+    # temporary files; for a `docker save` upload the docker-archive one counts.
+    reader = re.search(r"^\s*\* docker-archive: (.*)$", message, re.MULTILINE)
+    if reader and "does not match any of the supported image formats" in message:
+        message = "not an image archive (docker-archive: %s)" % reader.group(1)
+    return message.replace("Error response from daemon: ", "") or "exit %d" % returncode
 
 
 # ---------------------------------------------------------------------------
@@ -1117,10 +1283,10 @@ def load_archive(docker, chunks):
         finish()
         raise
     output = finish()
-    if returncode != 0:
-        message = output.strip().replace("Error response from daemon: ", "")
-        raise BadRequest("docker load failed: %s" % (message or "exit %d" % returncode))
-    return archive, parse_load_output(output), received[0]
+    failure = load_failure(returncode, output)
+    if failure:
+        raise BadRequest("docker load failed: %s" % failure)
+    return archive, docker.loaded_refs(output), received[0]
 
 
 def choose_image(archive, loaded_ids, image_choice=None):
@@ -1441,6 +1607,8 @@ class Deployer:
             if health == "starting" and waited >= deployment.health_timeout_seconds:
                 raise EddError("the new container was not healthy within %g s"
                                % deployment.health_timeout_seconds, status=502)
+            if health == "starting":
+                self.docker.run_due_healthcheck(container)
             settling = deployment.settle_seconds - waited
             time.sleep(min(POLL_SECONDS, settling) if settling > 0 else HEALTH_POLL_SECONDS)
 
@@ -1634,6 +1802,17 @@ def _number(value):
     return repr(float(value)) if isinstance(value, float) else str(value)
 
 
+def detect_engine(docker):
+    """Learn and log the engine behind `docker`; an engine that is down is only a
+    warning (edd can start before it), and /v1/health asks again."""
+    try:
+        log.info("engine: %s, via the CLI %s", docker.detect(), docker.command)
+    except DockerError as exc:
+        log.warning("engine: %s, via the CLI %s, is not answering: %s",
+                    docker.engine.kind, docker.command, exc)
+    return docker
+
+
 class App:
     """The daemon's state: config, TLS context, docker, locks, metrics. Reload swaps
     config and TLS context whole; requests already running keep the ones they took."""
@@ -1643,7 +1822,7 @@ class App:
         # The context and a fingerprint of the trust it carries, swapped together:
         # a connection made under other trust is ended (see Server.end_stale).
         self.tls = (make_ssl_context(config), tls_fingerprint(config))
-        self.deployer = Deployer(Docker(config.docker))
+        self.deployer = Deployer(detect_engine(Docker(config.docker)))
         self.janitor = Janitor()
         self.metrics = Metrics()
         self.stopping = threading.Event()
@@ -1672,7 +1851,7 @@ class App:
             config = dataclasses.replace(config, listen=self.config.listen)
         self.trust_changed = fingerprint != self.tls[1]
         self.config, self.tls = config, (context, fingerprint)
-        self.deployer = Deployer(Docker(config.docker))
+        self.deployer = Deployer(detect_engine(Docker(config.docker)))
         log.info("reloaded %s: %d deployments%s", config.path, len(config.deployments),
                  "; TLS files changed, closing connections made before"
                  if self.trust_changed else "")
@@ -1995,11 +2174,11 @@ _action("delete", "DELETE", "/v1/deployments/{name}")
 @route("GET", "/v1/health")
 def health(app, request):
     try:
-        version = app.deployer.docker.run("version", "--format", "{{.Server.Version}}",
-                                          timeout=10).strip()
+        engine = app.deployer.docker.detect(timeout=10)
     except DockerError as exc:
         raise ServiceUnavailable("docker is not answering: %s" % exc, edd=__version__)
-    return {"status": "ok", "edd": __version__, "docker": version}
+    return {"status": "ok", "edd": __version__, "docker": engine.version,
+            "engine": engine.summary()}
 
 
 @route("GET", "/metrics")
@@ -2819,14 +2998,13 @@ def check(path):
         print("edd: error: %s" % exc, file=sys.stderr)
         return 1
     try:
-        version = Docker(config.docker).run("version", "--format", "{{.Server.Version}}",
-                                            timeout=20).strip()
+        engine = Docker(config.docker).detect()
     except DockerError as exc:
         print("edd: error: docker is not answering: %s" % exc, file=sys.stderr)
         return 1
     count = len(config.deployments)
-    print("edd: %s is valid: %d deployment%s, TLS files load, docker %s answers"
-          % (path, count, "" if count == 1 else "s", version))
+    print("edd: %s is valid: %d deployment%s, TLS files load, %s answers"
+          % (path, count, "" if count == 1 else "s", engine))
     return 0
 
 

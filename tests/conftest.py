@@ -6,8 +6,15 @@ Fixture API (keep these names stable; other test files use them):
         .dir .ca .ca_key .other_ca .server_cert .server_key
         .client(name) -> (crt, key)   alice, bob, mallory, expired, future
         .make_client(name, cn=None, san=None, issuer="ca", startdate=None, enddate=None)
-    docker                    session: skip (fail with EDD_REQUIRE_DOCKER=1) without an engine
+    docker                    session, one per engine (EDD_TEST_ENGINES, default
+                              docker,podman): the engine's version (a str with .cli);
+                              skip (fail with EDD_REQUIRE_DOCKER=1) without that engine.
+                              Every test using it, make_image or the marker runs as
+                              test_x[docker] and test_x[podman].
     @pytest.mark.docker       applies the `docker` fixture to a test
+    @pytest.mark.engines("podman", reason="...")   only on these engines
+    image_factory             session: the ImageFactory behind make_image, without the
+                              engine check (archives are engine-neutral)
     make_image(tag, content=..., cmd=None, healthcheck=None, exits=False, gzip=False)
                               session-cached `docker save` archive (Path); the image is
                               removed from the engine after saving, so a push really loads it.
@@ -29,8 +36,11 @@ Fixture API (keep these names stable; other test files use them):
     fetch(port, path="/", timeout=10) -> str    what the container serves (retries)
     unreachable(port) -> bool                   nothing answers HTTP on that port
     free_port(), unique_name(), run_tag(repo, version="v1") (a per-session image tag)
-    docker_cli(*args, check=True) -> CompletedProcess   (text, captured)
-    container_state(name), container_labels(name), image_id(ref), wait_for(predicate),
+    docker_cli(*args, check=True, cli=None) -> CompletedProcess   (text, captured); the
+                              running test's engine CLI (ENGINE["cli"]) unless cli= names one
+    is_podman(cli=None), image_builder() (the CLI that builds make_image's archives)
+    Edd.command, EddFactory.command   argv that runs edd.py (a test may run it as a user)
+    container_state(name), container_labels(name), image_id(ref, cli=None), wait_for(predicate),
     read_response(sock), client_context(pki, cert)
     rewrite_archive(source, target, tags=None, drop=(), replace=None, gzip=False) -> Path
                               (issue 9) a copy of an archive with other RepoTags, members
@@ -61,6 +71,7 @@ import ssl
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 import urllib.request
@@ -94,14 +105,39 @@ IMAGE_LOCK = "/tmp/edd-test-images.lock"
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "docker: needs a Docker engine (skipped without one, "
-                   "a failure when EDD_REQUIRE_DOCKER=1)")
+        "markers", "docker: needs a container engine; runs once per engine in "
+                   "EDD_TEST_ENGINES (skipped without one, a failure when "
+                   "EDD_REQUIRE_DOCKER=1)")
+    config.addinivalue_line(
+        "markers", "engines(*names, reason=...): run only on these engines")
+
+
+def pytest_generate_tests(metafunc):
+    """Every test that needs the engine (the `docker` fixture, directly, through
+    make_image, or by the marker) runs once per engine: test_x[docker], test_x[podman]."""
+    definition = metafunc.definition
+    if "docker" not in metafunc.fixturenames and not definition.get_closest_marker("docker"):
+        return
+    if "docker" not in metafunc.fixturenames:
+        metafunc.fixturenames.append("docker")
+    engines = list(ENGINES)
+    marker = definition.get_closest_marker("engines")
+    if marker:
+        assert marker.kwargs.get("reason"), "@pytest.mark.engines needs a reason="
+        engines = [engine for engine in engines if engine in marker.args]
+    if not engines:
+        # This test has no engine it runs on in this session (EDD_TEST_ENGINES).
+        metafunc.parametrize("docker", [pytest.param(None, marks=pytest.mark.skip(
+            reason="not run on %s" % ", ".join(ENGINES)))], indirect=True, scope="session")
+        return
+    metafunc.parametrize("docker", engines, indirect=True, scope="session", ids=engines)
 
 
 @pytest.fixture(autouse=True)
-def _docker_marker(request):
-    if request.node.get_closest_marker("docker"):
-        request.getfixturevalue("docker")
+def _engine_under_test(request):
+    """docker_cli and the helpers follow the engine of the running test."""
+    callspec = getattr(request.node, "callspec", None)
+    ENGINE["cli"] = (callspec.params.get("docker") if callspec else None) or "docker"
 
 
 # ---------------------------------------------------------------------------
@@ -132,14 +168,16 @@ def run_tag(repo, version="v1"):
     return "%s-%s:%s" % (repo, RUN_ID, version)
 
 
-def docker_cli(*args, check=True, timeout=120, **kwargs):
-    """Run the docker CLI; on failure with check=True, raise with its stderr."""
-    proc = subprocess.run(["docker"] + [str(a) for a in args], stdout=subprocess.PIPE,
+def docker_cli(*args, check=True, timeout=120, cli=None, **kwargs):
+    """Run the CLI of the engine under test (or `cli`); with check=True, raise with its
+    stderr on failure."""
+    cli = cli or ENGINE["cli"]
+    proc = subprocess.run([cli] + [str(a) for a in args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True,
                           timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
-        raise AssertionError("docker %s failed (%d): %s"
-                             % (" ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
+        raise AssertionError("%s %s failed (%d): %s"
+                             % (cli, " ".join(map(str, args)), proc.returncode, proc.stderr.strip()))
     return proc
 
 
@@ -191,10 +229,13 @@ def container_state(name):
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def image_id(ref):
-    """The sha256:... id that `ref` points to, or None."""
-    proc = docker_cli("image", "inspect", "--format", "{{.Id}}", ref, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
+def image_id(ref, cli=None):
+    """The sha256:... id that `ref` points to, or None (podman's bare hex gets sha256:)."""
+    proc = docker_cli("image", "inspect", "--format", "{{.Id}}", ref, check=False, cli=cli)
+    if proc.returncode != 0:
+        return None
+    found = proc.stdout.strip()
+    return found if found.startswith("sha256:") else "sha256:" + found
 
 
 def container_labels(name):
@@ -319,21 +360,32 @@ def pki(tmp_path_factory):
 # Docker engine gate and test images
 # ---------------------------------------------------------------------------
 
+class EngineVersion(str):
+    """The engine's version (what `docker` fixtures compare), knowing its CLI's name."""
+    cli = "docker"
+
+
 @pytest.fixture(scope="session")
-def docker():
-    """The engine answers `docker info`, or the test is skipped (failed when required)."""
+def docker(request):
+    """The engine under test (request.param: docker or podman) answers `info`, or the
+    test is skipped (failed when EDD_REQUIRE_DOCKER=1). Returns its EngineVersion."""
+    cli = getattr(request, "param", None) or "docker"
+    version_format = {"podman": "{{.Version.Version}}"}.get(cli, "{{.ServerVersion}}")
     try:
-        proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+        proc = subprocess.run([cli, "info", "--format", version_format],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               universal_newlines=True, timeout=30)
-        problem = None if proc.returncode == 0 else (proc.stderr.strip() or "docker info failed")
+        problem = None if proc.returncode == 0 else (proc.stderr.strip() or "info failed")
     except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = "docker info: %s" % exc
+        problem = "%s info: %s" % (cli, exc)
     if problem:
         if os.environ.get("EDD_REQUIRE_DOCKER") == "1":
-            pytest.fail("EDD_REQUIRE_DOCKER=1 but no Docker engine: %s" % problem, pytrace=False)
-        pytest.skip("no Docker engine: %s" % problem)
-    return proc.stdout.strip()
+            pytest.fail("EDD_REQUIRE_DOCKER=1 but no %s engine: %s" % (cli, problem),
+                        pytrace=False)
+        pytest.skip("no %s engine: %s" % (cli, problem))
+    version = EngineVersion(proc.stdout.strip())
+    version.cli = cli
+    return version
 
 
 def _rootfs_tar(content):
@@ -405,19 +457,16 @@ class ImageFactory:
         # rmi so that nobody retags one of our tags in between.
         with open(IMAGE_LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            builder = image_builder()
             ids = []
             for (tag, content, changes), ref in zip(specs, tags):
-                argv = ["import"]
-                for change in changes:
-                    argv += ["--change", change]
-                proc = subprocess.run(["docker"] + argv + ["-", ref], input=_rootfs_tar(content),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120)
-                if proc.returncode != 0:
-                    raise AssertionError("docker import %s: %s" % (ref, proc.stderr.decode()))
-                ids.append(image_id(ref))
+                build_image(builder, ref, _rootfs_tar(content), changes, self.dir)
+                ids.append(image_id(ref, cli=builder))
             saved = self.dir / "saving.tar"
-            docker_cli("save", "-o", saved, *tags)
-            docker_cli("rmi", *tags)
+            # podman saves one image unless told -m; both write docker's layout.
+            many = ["-m"] if builder == "podman" and len(tags) > 1 else []
+            docker_cli("save", *many, "-o", saved, *tags, cli=builder)
+            docker_cli("rmi", *tags, cli=builder)
         if gzip:
             with open(str(saved), "rb") as src, gzip_module.open(str(archive), "wb") as dst:
                 shutil.copyfileobj(src, dst)
@@ -429,12 +478,19 @@ class ImageFactory:
 
 
 @pytest.fixture(scope="session")
-def make_image(docker, tmp_path_factory):
-    factory = ImageFactory(tmp_path_factory.mktemp("images"))
-    yield factory
-    # Pushes re-create the archive's own tags through `docker load`; drop them.
-    if factory.tags:
-        docker_cli("rmi", "-f", *sorted(factory.tags), check=False)
+def image_factory(tmp_path_factory):
+    """One ImageFactory for all engines: the archives are built once, with BUILDER."""
+    return ImageFactory(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def make_image(docker, image_factory):
+    yield image_factory
+    # Pushes re-create the archive's own tags through `load`; drop them from this
+    # engine (podman's `rmi -f` would also remove containers: never -f there).
+    if image_factory.tags:
+        force = [] if is_podman(docker.cli) else ["-f"]
+        docker_cli("rmi", *force, *sorted(image_factory.tags), check=False, cli=docker.cli)
 
 
 # ---------------------------------------------------------------------------
@@ -460,6 +516,7 @@ class Edd:
         self.config_path = Path(config_path)
         self.log_path = Path(log_path)
         self.proc = None
+        self.command = [sys.executable, str(EDD)]     # a test may run edd as another user
         self.port = int(config["listen"].rsplit(":", 1)[1])
         self.url = "https://127.0.0.1:%d" % self.port
 
@@ -467,7 +524,7 @@ class Edd:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(str(self.log_path), "ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, str(EDD), "--config", str(self.config_path)],
+                self.command + ["--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 cwd=str(self.config_path.parent))
         deadline = time.monotonic() + STARTUP_SECONDS
@@ -535,6 +592,7 @@ class EddFactory:
         self.pki = pki
         self.instances = []
         self.names = set()
+        self.command = None     # argv that runs edd.py, when not this Python
 
     def deployment(self, name=None, **settings):
         """A deployment publishing container port 8000 on 127.0.0.1:<free port>.
@@ -552,6 +610,8 @@ class EddFactory:
 
     def _complete(self, config):
         config = dict(config)
+        if ENGINE["cli"] == "podman":
+            config.setdefault("docker", "podman")
         config.setdefault("listen", "127.0.0.1:%d" % free_port())
         config.setdefault("server_cert", str(self.pki.server_cert))
         config.setdefault("server_key", str(self.pki.server_key))
@@ -572,6 +632,7 @@ class EddFactory:
         config_path = self.tmp_path / ("edd-%d.json" % number)
         config_path.write_text(json.dumps(config, indent=2))
         edd = Edd(self, config, config_path, self.tmp_path / ("edd-%d.log" % number))
+        edd.command = list(self.command or edd.command)
         self.instances.append(edd)
         return edd.launch()
 
@@ -589,9 +650,10 @@ def remove_deployment_objects(names):
     names = set(names)
     if not names:
         return
+    label = ('{{index .Labels "edd.deployment"}}' if is_podman()
+             else '{{.Label "edd.deployment"}}')
     try:
-        listing = docker_cli("ps", "-a", "--format", '{{.Names}}\t{{.Label "edd.deployment"}}',
-                             check=False)
+        listing = docker_cli("ps", "-a", "--format", "{{.Names}}\t" + label, check=False)
     except OSError:         # no docker CLI at all: nothing can have been created
         return
     if listing.returncode != 0:
@@ -606,9 +668,9 @@ def remove_deployment_objects(names):
         docker_cli("rm", "-f", *containers, check=False)
     refs = [ref for ref in docker_cli("images", "--format", "{{.Repository}}:{{.Tag}}",
                                       check=False).stdout.split()
-            if ref.startswith("edd/") and ref[4:].split(":")[0] in names]
+            if _local(ref).startswith("edd/") and _local(ref)[4:].split(":")[0] in names]
     if refs:
-        docker_cli("rmi", "-f", *refs, check=False)
+        docker_cli("rmi", *([] if is_podman() else ["-f"]), *refs, check=False)
 
 
 @pytest.fixture
@@ -933,3 +995,61 @@ def oci_archive(source, target, tags, compress=True):
             info.size = len(data)
             out.addfile(info, io.BytesIO(data))
     return Path(target)
+
+
+# ---------------------------------------------------------------------------
+# Engines (issue 14): every engine test runs on docker and on podman
+# ---------------------------------------------------------------------------
+# EDD_TEST_ENGINES: the engines to test, comma-separated (default both). With
+# EDD_REQUIRE_DOCKER=1 each one must answer: a missing podman fails, not skips.
+# ENGINE["cli"]: the CLI of the running test's engine; docker_cli, image_id,
+# EddFactory (its config's "docker") and the clean-up follow it.
+# image_builder(): the CLI that builds make_image's archives (EDD_TEST_BUILDER,
+# or docker when it answers: its import takes HEALTHCHECK; else podman build,
+# FROM scratch). Every engine's tests load those same docker-layout archives.
+
+ENGINES = [e for e in os.environ.get("EDD_TEST_ENGINES", "docker,podman").split(",") if e]
+ENGINE = {"cli": "docker"}
+_BUILDER = []
+
+
+def image_builder():
+    if not _BUILDER and os.environ.get("EDD_TEST_BUILDER"):
+        _BUILDER.append(os.environ["EDD_TEST_BUILDER"])
+    if not _BUILDER:
+        docker_answers = shutil.which("docker") and subprocess.run(
+            ["docker", "info"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=30).returncode == 0
+        _BUILDER.append("docker" if docker_answers else "podman")
+    return _BUILDER[0]
+
+
+def build_image(builder, ref, rootfs, changes, directory):
+    """Tag `ref` in `builder`'s store: `rootfs` (a tar) plus Dockerfile `changes`."""
+    if builder == "docker":
+        argv = ["docker", "import"]
+        for change in changes:
+            argv += ["--change", change]
+        proc = subprocess.run(argv + ["-", ref], input=rootfs, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+    else:
+        context = Path(tempfile.mkdtemp(dir=str(directory)))
+        (context / "rootfs.tar").write_bytes(rootfs)
+        (context / "Containerfile").write_text(
+            "FROM scratch\nADD rootfs.tar /\n" + "\n".join(changes) + "\n")
+        proc = subprocess.run(["podman", "build", "-q", "--format", "docker", "-t", ref,
+                               str(context)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              timeout=120)
+        shutil.rmtree(str(context))
+    if proc.returncode != 0:
+        raise AssertionError("%s: building %s: %s" % (builder, ref, proc.stderr.decode()))
+
+
+def is_podman(cli=None):
+    """Whether `cli` (default: the running test's engine) is podman, or a wrapper of it."""
+    return "podman" in os.path.basename(cli or ENGINE["cli"])
+
+
+def _local(ref):
+    """podman's name for a local image, as docker spells it: localhost/x:y is x:y."""
+    return ref[len("localhost/"):] if ref.startswith("localhost/") else ref

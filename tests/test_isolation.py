@@ -106,6 +106,22 @@ def thin_archive(layered, path, how, gzip):
                            replace={name: b"not the layer\n" * 100 for name in lower})
 
 
+@pytest.mark.engines("podman", reason="podman loads no archive that omits layers "
+                                      "(podman#8132); docker does, so edd checks them")
+def test_podman_refuses_a_thin_archive_and_nothing_is_left(edd_factory, layered, tmp_path):
+    website = edd_factory.deployment()
+    tenant = edd_factory.deployment()
+    edd = edd_factory.start([website, tenant])
+    assert_ok(push(edd, website, layered["archives"]["secret"]))
+    reply = push(edd, tenant, thin_archive(layered, tmp_path / "thin.tar", "omitted", False))
+    assert reply.status == 400, reply
+    assert "missing" in reply.json["error"], reply.json
+    assert image_id(layered["ids"]["top"]) is None
+    assert container_state(tenant.name) is None and unreachable(tenant.port)
+    assert fetch(website.port) == "website secret page\n"
+
+
+@pytest.mark.engines("docker", reason="podman refuses every thin archive: see the test above")
 @pytest.mark.parametrize("how, gzip", [("omitted", False), ("omitted", True),
                                        ("garbage", False)])
 def test_an_archive_may_not_borrow_another_deployments_layers(edd_factory, layered, tmp_path,
