@@ -548,6 +548,8 @@ class EddFactory:
         config.setdefault("server_key", str(self.pki.server_key))
         config.setdefault("client_ca", str(self.pki.ca))
         config.setdefault("deployments", [])
+        # One state dir per test: the edd processes of a test share swap records and locks.
+        config.setdefault("state_dir", str(self.tmp_path / "state"))
         return config
 
     def _track(self, config):
@@ -798,3 +800,43 @@ def read_all(body, size=7):
         if not count:
             return out
         out += bytes(view[:count])
+
+
+# ---------------------------------------------------------------------------
+# Swap faults (issue 10): a docker CLI that fails on cue, a state dir per test
+# ---------------------------------------------------------------------------
+
+class FaultyDocker:
+    """tests/faulty_docker.py behind a shim in `directory`: give `.path` to edd as its
+    `docker`; `.set(rules)` arms faults (see that file), `.calls()` lists what ran."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "docker"
+        self.path.write_text('#!/bin/sh\nexec "%s" "%s" "%s" "$@"\n' % (
+            sys.executable, REPO / "tests" / "faulty_docker.py", self.dir))
+        self.path.chmod(0o755)
+
+    def set(self, *rules):
+        """Replace the rules; matches are counted afresh from now on."""
+        for name in ("counts.json", "calls.log"):
+            if (self.dir / name).exists():
+                (self.dir / name).unlink()
+        staging = self.dir / "rules.json.new"
+        staging.write_text(json.dumps(list(rules)))
+        os.replace(str(staging), str(self.dir / "rules.json"))
+
+    def calls(self, action=None):
+        """[(action, argument line)] of every call since the last set(), in order."""
+        try:
+            lines = (self.dir / "calls.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        found = [tuple(line.split(" ", 1)) for line in lines]
+        return [c for c in found if action is None or c[0] == action]
+
+
+@pytest.fixture
+def faulty_docker(tmp_path):
+    return FaultyDocker(tmp_path / "faulty-docker")
