@@ -495,6 +495,76 @@ def parse_load_output(text):
 
 
 # ---------------------------------------------------------------------------
+# State dir: swap records and locks
+# ---------------------------------------------------------------------------
+
+# A swap's record says what it is changing and how far it got, kept in state_dir
+# until the swap is finished or undone. Container labels cannot change once a
+# container exists, so the phase of a swap has to live in a file; state_dir
+# survives a reboot, and the lock beside the record keeps a second edd process
+# (sharing state_dir) off a deployment that this one holds.
+
+def _record_path(state_dir, name):
+    return os.path.join(state_dir, name + ".swap")
+
+
+def read_record(state_dir, name):
+    """The deployment's unfinished swap (a dict), or None when there is none."""
+    path = _record_path(state_dir, name)
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise EddError("cannot read the swap record %s: %s" % (path, exc)) from None
+
+
+def write_record(state_dir, name, record):
+    """Replace the record atomically and durably: it must outlive a crash or power cut."""
+    path = _record_path(state_dir, name)
+    with open(path + ".new", "w", encoding="utf-8") as file:
+        json.dump(record, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(path + ".new", path)
+    _sync_dir(state_dir)
+
+
+def remove_record(state_dir, name):
+    try:
+        os.unlink(_record_path(state_dir, name))
+    except FileNotFoundError:
+        return
+    _sync_dir(state_dir)
+
+
+def _sync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_deployment(state_dir, name):
+    """Take the deployment's lock file in `state_dir` and return its descriptor (closing
+    it releases the lock); Conflict when another process holds it."""
+    path = os.path.join(state_dir, name + ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise EddError("cannot open the lock %s: %s" % (path, exc.strerror)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise Conflict("deployment %r is busy in another edd process (it holds %s)"
+                       % (name, path)) from None
+    return fd
+
+
+# ---------------------------------------------------------------------------
 # Deploy logic: load, swap behind a health gate, restore
 # ---------------------------------------------------------------------------
 
@@ -586,71 +656,6 @@ def _owned(deployment, container):
 
 def _short(container_id):
     return (container_id or "")[:12]
-
-
-# The swap record: what a swap is changing, kept in state_dir until the swap is
-# finished or undone. Container labels cannot be changed once a container exists,
-# so the phase of a swap has to live in a file; state_dir survives a reboot, and
-# the lock beside it keeps a second edd process off a deployment this one holds.
-
-def _record_path(state_dir, name):
-    return os.path.join(state_dir, name + ".swap")
-
-
-def read_record(state_dir, name):
-    """The deployment's unfinished swap (a dict), or None when there is none."""
-    path = _record_path(state_dir, name)
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise EddError("cannot read the swap record %s: %s" % (path, exc)) from None
-
-
-def write_record(state_dir, name, record):
-    """Replace the record atomically and durably: it must outlive a crash or power cut."""
-    path = _record_path(state_dir, name)
-    with open(path + ".new", "w", encoding="utf-8") as file:
-        json.dump(record, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(path + ".new", path)
-    _sync_dir(state_dir)
-
-
-def remove_record(state_dir, name):
-    try:
-        os.unlink(_record_path(state_dir, name))
-    except FileNotFoundError:
-        return
-    _sync_dir(state_dir)
-
-
-def _sync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def lock_deployment(state_dir, name):
-    """Take the deployment's lock file in `state_dir` and return its descriptor (closing
-    it releases the lock); Conflict when another process holds it."""
-    path = os.path.join(state_dir, name + ".lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise EddError("cannot open the lock %s: %s" % (path, exc.strerror)) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise Conflict("deployment %r is busy in another edd process (it holds %s)"
-                       % (name, path)) from None
-    return fd
 
 
 def _holds(check):
@@ -991,21 +996,20 @@ class Deployer:
                       exc_info=exc)
         container_log = self._collect_log(record["new_id"])
         problems = self._undo(deployment, record)
-        status = getattr(exc, "status", 500)
-        if problems:
-            self._report_unrestored(deployment, record, problems)
-            return EddError("deploy failed, and the previous state could not be put back "
-                            "(%s): %s" % ("; ".join(problems), exc), status=status,
-                            restored=False, log=container_log,
-                            deployment=self._describe_quietly(deployment))
-        self._forget(deployment)
+        restored = not problems
         old = record["old"]
-        before = ("the deployment is as it was" if old is None else
-                  "the previous container runs as before" if old["state"] == "running" else
-                  "the previous container is back, %s as before" % old["state"])
-        return EddError("deploy failed, %s: %s" % (before, exc), status=status,
-                        restored=not problems, log=container_log,
-                        deployment=self._describe_quietly(deployment))
+        if restored:
+            self._forget(deployment)
+            message = "deploy failed, %s: %s" % (
+                "the deployment is as it was" if old is None else
+                "the previous container runs as before" if old["state"] == "running" else
+                "the previous container is back, %s as before" % old["state"], exc)
+        else:
+            self._report_unrestored(deployment, record, problems)
+            message = ("deploy failed, and the previous state could not be put back (%s): %s"
+                       % ("; ".join(problems), exc))
+        return EddError(message, status=getattr(exc, "status", 500), restored=restored,
+                        log=container_log, deployment=self._describe_quietly(deployment))
 
     def _collect_log(self, container_id):
         if not container_id:

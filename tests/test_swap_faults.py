@@ -12,14 +12,18 @@ and checks in the wrapper's call log that the fault really fired. Crash loops, s
 stops, two edd processes and a crashed edd use the engine and edd as they are.
 """
 
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import (FAILING_CHECK, HTTPD_CMD, container_state, curl, docker_cli, fetch,
+import edd as edd_module
+from conftest import (EDD, FAILING_CHECK, HTTPD_CMD, container_state, curl, docker_cli, fetch,
                       https_request, image_id, run_tag, unreachable, wait_for)
 
 pytestmark = pytest.mark.docker
@@ -488,3 +492,38 @@ def test_sigterm_waits_for_a_gate_longer_than_75_seconds(edd_factory, images):
     assert replies and replies[0].status == 200, replies
     assert fetch(deployment.port) == V2_TEXT
     assert container_state(deployment.name + ".edd-old") is None
+
+
+# ---------------------------------------------------------------------------
+# The record and the lock, without docker
+# ---------------------------------------------------------------------------
+
+def test_lock_is_exclusive_across_processes(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, %r); import edd; "
+         "edd.lock_deployment(%r, 'web'); print('held', flush=True); sys.stdin.read()"
+         % (str(EDD.parent), str(tmp_path))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(edd_module.Conflict, match="another edd process"):
+            edd_module.lock_deployment(str(tmp_path), "web")
+        os.close(edd_module.lock_deployment(str(tmp_path), "other"))
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    os.close(edd_module.lock_deployment(str(tmp_path), "web"))
+
+
+def test_record_round_trip_and_a_damaged_record(tmp_path):
+    state = str(tmp_path)
+    assert edd_module.read_record(state, "web") is None
+    record = {"deployment": "web", "phase": "swapping", "old": None}
+    edd_module.write_record(state, "web", record)
+    assert edd_module.read_record(state, "web") == record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["web.swap"]
+    edd_module.remove_record(state, "web")
+    assert edd_module.read_record(state, "web") is None
+    (tmp_path / "web.swap").write_text("{half a rec")
+    with pytest.raises(edd_module.EddError, match="web.swap"):
+        edd_module.read_record(state, "web")
