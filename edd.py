@@ -432,10 +432,13 @@ class Docker:
                           stderr=subprocess.STDOUT)
         return done.stdout.decode("utf-8", "replace")
 
-    def swap_containers(self, token):
-        """The IDs of the containers labelled as created by the swap `token`."""
-        return self.run("ps", "-a", "-q", "--no-trunc", "--filter",
-                        "label=%s=%s" % (SWAP_LABEL, token), timeout=DOCKER_TIMEOUT).split()
+    def swap_containers(self, name, token):
+        """The IDs of the containers labelled as deployment `name`'s, created by the
+        swap `token`."""
+        return self.run("ps", "-a", "-q", "--no-trunc",
+                        "--filter", "label=%s=%s" % (LABEL, name),
+                        "--filter", "label=%s=%s" % (SWAP_LABEL, token),
+                        timeout=DOCKER_TIMEOUT).split()
 
     def stop(self, container_id, seconds):
         """Stop the container, whatever the CLI says: a `docker stop` that fails or
@@ -902,7 +905,7 @@ class Deployer:
         try:
             return self._run_container(deployment, ("create",), token)
         except DockerError as exc:
-            found = self.docker.swap_containers(token)
+            found = self.docker.swap_containers(deployment.name, token)
             if len(found) != 1:
                 raise exc
             log.warning("docker create reported %r, but created %s", str(exc), found[0])
@@ -1058,7 +1061,8 @@ class Deployer:
         (docker may have created it without edd learning the ID)."""
         found = [record["new_id"]] if record["new_id"] else []
         try:
-            found += [c for c in self.docker.swap_containers(record["token"]) if c not in found]
+            found += [c for c in self.docker.swap_containers(record["deployment"], record["token"])
+                      if c not in found]
         except DockerError as exc:
             log.warning("deployment %s: cannot list the swap's containers: %s",
                         record["deployment"], exc)
@@ -1082,7 +1086,7 @@ class Deployer:
         """What docker shows that differs from before the swap, as sentences."""
         docker, old, problems = self.docker, record["old"], []
         new_ids = [record["new_id"]] if record["new_id"] else []
-        for new_id in set(new_ids + docker.swap_containers(record["token"])):
+        for new_id in set(new_ids + docker.swap_containers(deployment.name, record["token"])):
             if docker.container(new_id) is not None:
                 problems.append("the new container %s is still there" % _short(new_id))
         current = docker.image_id(deployment.tag("current"))

@@ -33,6 +33,11 @@ Fixture API (keep these names stable; other test files use them):
     container_state(name), container_labels(name), image_id(ref), wait_for(predicate),
     read_response(sock), client_context(pki, cert)
     HTTPD_CMD, PROMPT_STOP_CMD (the default CMD), EXITS_CMD, HEALTHY_CHECK, FAILING_CHECK
+    faulty_docker             (issue 10) a FaultyDocker: .path is a docker CLI to give edd
+                              as `docker`; .set(rule, ...) arms faults (tests/faulty_docker.py
+                              documents the rules); .calls(action=None) lists what ran.
+    Every edd of a test shares state_dir <tmp_path>/state (swap records and locks)
+                              unless the config given to start() names another.
 
 Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
 """

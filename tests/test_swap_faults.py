@@ -255,14 +255,18 @@ def test_stop_cli_failing_while_the_daemon_stops(edd_factory, make_image, images
     assert current(deployment) == images.id(images.v2)
 
 
-@pytest.mark.parametrize("step", ["tag", "park"])
+@pytest.mark.parametrize("step", ["tag", "park", "create", "start"])
 def test_step_done_but_reported_failed_is_checked(edd_factory, images, faulty_docker, step):
     # Stands for a CLI that reports failure after the daemon did the work (the
     # reply lost on the way back). edd looks before it acts: the tag points at the
-    # new image or the old container is parked, so the swap goes on.
+    # new image, the old container is parked, the new one exists (found by its
+    # swap label, as its ID was never printed) or runs, so the swap goes on.
     edd, deployment = started(edd_factory, images, faulty_docker)
-    pattern = (r"^tag \S+ edd/%s:current$" if step == "tag" else r"^rename \S+ %s\.edd-old$")
-    faulty_docker.set({"match": pattern % re.escape(deployment.name), "action": "after"})
+    pattern = {"tag": r"^tag \S+ edd/%s:current$", "park": r"^rename \S+ %s\.edd-old$",
+               "create": r"^create .* --name %s ", "start": r"^start "}[step]
+    if "%s" in pattern:
+        pattern %= re.escape(deployment.name)
+    faulty_docker.set({"match": pattern, "action": "after"})
     reply = push(edd, deployment, images.v2)
     fired(faulty_docker, "after")
     assert_ok(reply)
