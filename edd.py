@@ -8,7 +8,10 @@
 The upload streams into `docker load`; edd then swaps the deployment's container
 for one running the new image, with the `docker run` options fixed in the host's
 config. Promise: after a push, the new image runs and passed its health gate, or
-the previous container runs exactly as it did before, and the client is told which.
+the previous container runs exactly as it did before, and the client is told which
+("restored": true, as checked with docker afterwards; false, with what is there,
+when docker would not let edd put it back). Each swap is recorded in state_dir,
+so a crash in the middle is completed when edd starts again.
 
 API (JSON in and out; errors are {"error": "..."}):
     GET        /v1/deployments                     the deployments this client may use
@@ -84,12 +87,18 @@ LINGER_SECONDS = 2             # how long a closing connection drains unread byt
 LINGER_BYTES = 1 << 20
 POLL_SECONDS = 0.25            # how often the gate looks at a settling container
 HEALTH_POLL_SECONDS = 0.5      # and then at one whose HEALTHCHECK is still starting
+DOCKER_TIMEOUT = 60            # seconds for a docker call that does not wait on a container
+STOP_MARGIN_SECONDS = 15       # added to stop_timeout_seconds for stop, restart and rm -f
+LOG_TIMEOUT = 10               # collecting a failed container's log must not stall the undo
+UNDO_TRIES = 4                 # attempts at each undo step, 0.5 s, 1 s, 2 s apart
+RETRY_SECONDS = 0.5
 
 # A deployment name is a container name and an image repository component, so
 # it must satisfy both of docker's grammars (the container one wants 2+ chars).
 NAME_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
 PARKED_SUFFIX = ".edd-old"
 LABEL = "edd.deployment"
+SWAP_LABEL = "edd.swap"        # marks the container a swap creates, found even without its ID
 MUTATING = frozenset(["load", "start", "stop", "restart", "rollback", "delete"])
 
 log = logging.getLogger("edd")
@@ -214,6 +223,7 @@ class Config:
     max_handshakes: int = 32
     max_log_bytes: int = 1 << 20
     docker: str = "docker"
+    state_dir: str = "/var/lib/edd"
 
 
 TOP_KEYS = {
@@ -234,6 +244,7 @@ TOP_KEYS = {
     "max_handshakes": (int, "positive"),
     "max_log_bytes": (int, "positive"),
     "docker": (str, None),
+    "state_dir": (str, None),
 }
 DEPLOYMENT_KEYS = {
     "name": (str, None),
@@ -345,7 +356,8 @@ def parse_config(raw, path):
     for key, file in files.items():
         if not os.access(file, os.R_OK):
             raise ConfigError("%s: cannot read %s" % (key, file))
-    return dataclasses.replace(config, **files)
+    return dataclasses.replace(config, state_dir=os.path.join(base, config.state_dir),
+                               **files)
 
 
 def load_config(path):
@@ -497,6 +509,16 @@ def _normalize_id(value):
     return value
 
 
+def run_state(container):
+    """'running', 'paused' or 'stopped': the states a swap puts a container back in."""
+    state = (container or {}).get("State") or {}
+    if state.get("Paused"):
+        return "paused"
+    if state.get("Running") or state.get("Restarting"):
+        return "running"
+    return "stopped"
+
+
 class Docker:
     """Runs `docker` with argv lists, never a shell; failures raise DockerError.
 
@@ -558,7 +580,12 @@ class Docker:
         missing = _missing_names(message)
         present = [n for n in names if n not in missing]
         if len(present) != len(found):
-            present = [obj.get("Name") or obj.get("Id") for obj in found]
+            present = [(obj.get("Name") or "").lstrip("/") or obj.get("Id") for obj in found]
+        if kind == "container":
+            # docker reads a name that matches no container as an ID prefix: a
+            # deployment called `cafe` must not find container cafe3b1f….
+            return {name: obj for name, obj in zip(present, found)
+                    if name in ((obj.get("Name") or "").lstrip("/"), obj.get("Id"))}
         return dict(zip(present, found))
 
     def _normalize(self, kind, obj):
@@ -600,9 +627,9 @@ class Docker:
             log.log(level, "docker %s: %s", " ".join(args), exc)
             return False
 
-    def logs(self, name, tail):
+    def logs(self, name, tail, timeout=DOCKER_TIMEOUT):
         """The container's last `tail` lines of output, stdout and stderr merged."""
-        done = self._call(["logs", "--tail", str(tail), name], timeout=60,
+        done = self._call(["logs", "--tail", str(tail), name], timeout=timeout,
                           stderr=subprocess.STDOUT)
         return done.stdout.decode("utf-8", "replace")
 
@@ -628,6 +655,36 @@ class Docker:
         """
         process = self._popen(args, subprocess.DEVNULL)
         return self._output(process, WATCHER.call_later(timeout, process.kill), size)
+
+    def swap_containers(self, name, token):
+        """The IDs of the containers labelled as deployment `name`'s, created by the
+        swap `token`."""
+        return self.run("ps", "-a", "-q", "--no-trunc",
+                        "--filter", "label=%s=%s" % (LABEL, name),
+                        "--filter", "label=%s=%s" % (SWAP_LABEL, token),
+                        timeout=DOCKER_TIMEOUT).split()
+
+    def stop(self, container_id, seconds):
+        """Stop the container, whatever the CLI says: a `docker stop` that fails or
+        times out may leave the daemon stopping it still, so on failure edd watches
+        the container until it has stopped (DockerError if it never does)."""
+        limit = seconds + STOP_MARGIN_SECONDS
+        try:
+            self.run("stop", "-t", str(seconds), container_id, timeout=limit)
+            return
+        except DockerError as exc:
+            error = exc
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            try:
+                container = self.container(container_id)
+            except DockerError:
+                container = {"State": {"Running": True}}      # not known to have stopped
+            if container is None or run_state(container) == "stopped":
+                log.warning("docker stop %s: %s; but the container stopped", container_id, error)
+                return
+            time.sleep(POLL_SECONDS)
+        raise error
 
     def _popen(self, args, stdin):
         """Start docker with `args`, its stdout and stderr merged into one pipe."""
@@ -1226,6 +1283,76 @@ def layer_diff_ids(entry, config):
 
 
 # ---------------------------------------------------------------------------
+# State dir: swap records and locks
+# ---------------------------------------------------------------------------
+
+# A swap's record says what it is changing and how far it got, kept in state_dir
+# until the swap is finished or undone. Container labels cannot change once a
+# container exists, so the phase of a swap has to live in a file; state_dir
+# survives a reboot, and the lock beside the record keeps a second edd process
+# (sharing state_dir) off a deployment that this one holds.
+
+def _record_path(state_dir, name):
+    return os.path.join(state_dir, name + ".swap")
+
+
+def read_record(state_dir, name):
+    """The deployment's unfinished swap (a dict), or None when there is none."""
+    path = _record_path(state_dir, name)
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise EddError("cannot read the swap record %s: %s" % (path, exc)) from None
+
+
+def write_record(state_dir, name, record):
+    """Replace the record atomically and durably: it must outlive a crash or power cut."""
+    path = _record_path(state_dir, name)
+    with open(path + ".new", "w", encoding="utf-8") as file:
+        json.dump(record, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(path + ".new", path)
+    _sync_dir(state_dir)
+
+
+def remove_record(state_dir, name):
+    try:
+        os.unlink(_record_path(state_dir, name))
+    except FileNotFoundError:
+        return
+    _sync_dir(state_dir)
+
+
+def _sync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_deployment(state_dir, name):
+    """Take the deployment's lock file in `state_dir` and return its descriptor (closing
+    it releases the lock); Conflict when another process holds it."""
+    path = os.path.join(state_dir, name + ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise EddError("cannot open the lock %s: %s" % (path, exc.strerror)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise Conflict("deployment %r is busy in another edd process (it holds %s)"
+                       % (name, path)) from None
+    return fd
+
+
+# ---------------------------------------------------------------------------
 # Deploy logic: load, swap behind a health gate, restore
 # ---------------------------------------------------------------------------
 
@@ -1403,11 +1530,29 @@ def _owned(deployment, container):
     return labels.get(LABEL) == deployment.name
 
 
-class Deployer:
-    """What requests cause on the host. Callers hold the deployment's lock."""
+def _short(container_id):
+    return (container_id or "")[:12]
 
-    def __init__(self, docker):
+
+def _holds(check):
+    """Whether the observation `check()` holds; a docker that does not answer says no."""
+    try:
+        return bool(check())
+    except DockerError:
+        return False
+
+
+class Deployer:
+    """What requests cause on the host. Callers hold the deployment's lock.
+
+    Once edd knows a container's full ID it names the container by it: a name can
+    be taken by someone else meanwhile, and docker reads a name it does not know
+    as an ID prefix.
+    """
+
+    def __init__(self, docker, state_dir):
         self.docker = docker
+        self.state_dir = state_dir
 
     # -- reading ------------------------------------------------------------
 
@@ -1417,6 +1562,13 @@ class Deployer:
 
     def describe(self, deployment):
         return describe(deployment, self.docker.container(deployment.container))
+
+    def _describe_quietly(self, deployment):
+        try:
+            return self.describe(deployment)
+        except DockerError as exc:
+            return {"name": deployment.name, "state": "unknown",
+                    "error": "docker did not answer: %s" % exc}
 
     def owned_container(self, deployment, name=None):
         """docker's JSON for the deployment's container, or None if there is none.
@@ -1436,21 +1588,22 @@ class Deployer:
                     % (name, LABEL, deployment.name, name, name))
         return [found.get(name) for name in names]
 
-    def _old_and_parked(self, deployment):
-        return self._owned_containers(deployment, [deployment.container,
-                                                   deployment.parked_container])
-
     def stream_logs(self, deployment, tail):
         """A generator of the container's last `tail` lines of output, as docker sends them."""
-        if self.owned_container(deployment) is None:
+        container = self.owned_container(deployment)
+        if container is None:
             raise NotFound("deployment %r has no container" % deployment.name)
-        return self.docker.stream(["logs", "--tail", str(tail), deployment.container])
+        return self.docker.stream(["logs", "--tail", str(tail), container["Id"]])
 
     # -- simple actions -----------------------------------------------------
 
     def start(self, deployment):
-        if self.owned_container(deployment) is not None:
-            self.docker.run("start", deployment.container)
+        self.recover(deployment)
+        container = self.owned_container(deployment)
+        if container is not None:
+            container_id = container["Id"]
+            self._step(lambda: self.docker.run("start", container_id),
+                       lambda: run_state(self.docker.container(container_id)) == "running")
         elif self.docker.image_id(deployment.tag("current")):
             self._run_container(deployment)
         else:
@@ -1459,34 +1612,84 @@ class Deployer:
         return self.describe(deployment)
 
     def stop(self, deployment):
-        self._require_container(deployment)
-        self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
-                        deployment.container)
+        self.recover(deployment)
+        container = self._require_container(deployment)
+        self.docker.stop(container["Id"], deployment.stop_timeout_seconds)
         return self.describe(deployment)
 
     def restart(self, deployment):
-        self._require_container(deployment)
-        self.docker.run("restart", "-t", str(deployment.stop_timeout_seconds),
-                        deployment.container)
+        self.recover(deployment)
+        container = self._require_container(deployment)
+        container_id, seconds = container["Id"], deployment.stop_timeout_seconds
+        before = (container.get("State") or {}).get("StartedAt")
+
+        def restarted():
+            now = self.docker.container(container_id)
+            return run_state(now) == "running" and now["State"].get("StartedAt") != before
+        self._step(lambda: self.docker.run("restart", "-t", str(seconds), container_id,
+                                           timeout=seconds + STOP_MARGIN_SECONDS),
+                   restarted, wait=seconds + STOP_MARGIN_SECONDS)
         return self.describe(deployment)
 
     def delete(self, deployment):
-        if self.owned_container(deployment) is not None:
-            self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
-                            deployment.container)
-            self.docker.run("rm", deployment.container)
+        self.recover(deployment)
+        container = self.owned_container(deployment)
+        if container is not None:
+            container_id = container["Id"]
+            self.docker.stop(container_id, deployment.stop_timeout_seconds)
+            self._step(lambda: self.docker.run("rm", container_id, timeout=DOCKER_TIMEOUT),
+                       lambda: self.docker.container(container_id) is None)
         return self.describe(deployment)
 
     def _require_container(self, deployment):
-        if self.owned_container(deployment) is None:
+        container = self.owned_container(deployment)
+        if container is None:
             raise Conflict("deployment %r has no container; push an image first"
                            % deployment.name)
+        return container
 
-    def _run_container(self, deployment, verb=("run", "-d")):
-        self.docker.run(
-            *verb, "-it", *deployment.args, "--name", deployment.container,
-            "--label", "%s=%s" % (LABEL, deployment.name), deployment.tag("current"),
-            *deployment.command)
+    def _run_container(self, deployment, verb=("run", "-d"), token=None):
+        """Run (or create) the deployment's container from its current image; return
+        what docker printed: the new container's ID."""
+        labels = ["--label", "%s=%s" % (LABEL, deployment.name)]
+        if token:
+            labels += ["--label", "%s=%s" % (SWAP_LABEL, token)]
+        return self.docker.run(
+            *verb, "-it", *deployment.args, "--name", deployment.container, *labels,
+            deployment.tag("current"), *deployment.command).strip()
+
+    def _step(self, act, done, wait=0):
+        """Run the docker step `act`. When docker reports failure, the observation
+        `done()` decides (watched for up to `wait` seconds): the daemon may have done
+        it anyway, or may still be doing it. Raise the DockerError if it did not."""
+        try:
+            act()
+            return
+        except DockerError as exc:
+            error = exc
+        deadline = time.monotonic() + wait
+        while not _holds(done):
+            if time.monotonic() >= deadline:
+                raise error
+            time.sleep(POLL_SECONDS)
+        log.warning("docker reported %r, but the step is done", str(error))
+
+    def _ensure(self, what, act, done):
+        """Make the observation `done()` true by `act()`: return True once docker did
+        it, or said it failed but `done()` holds (done before, or done anyway); else
+        retry, UNDO_TRIES times with a growing pause, and return False. Never raises
+        for docker's errors: they are logged."""
+        for attempt in range(UNDO_TRIES):
+            if attempt:
+                time.sleep(RETRY_SECONDS * 2 ** (attempt - 1))
+            try:
+                act()
+                return True
+            except DockerError as exc:
+                if _holds(done):
+                    return True
+                log.warning("%s: %s", what, exc)
+        return False
 
     # -- an upload ----------------------------------------------------------
 
@@ -1535,10 +1738,14 @@ class Deployer:
     # -- the swap -----------------------------------------------------------
 
     def rollback(self, deployment):
+        self.recover(deployment)
         previous = self.docker.image_id(deployment.tag("previous"))
         if previous is None:
             raise Conflict("deployment %r has no previous image to roll back to"
                            % deployment.name)
+        if previous == self.docker.image_id(deployment.tag("current")):
+            raise Conflict("deployment %r is already running its previous image %s"
+                           % (deployment.name, previous))
         return self.deploy(deployment, previous)
 
     def deploy(self, deployment, image_id):
@@ -1546,53 +1753,94 @@ class Deployer:
 
         Steps: park the old container (rename it while it still serves), tag the
         image current, create the new container, stop the old one, start the new
-        one, wait for the gate: the service is down only from stop to start. On
-        success the parked container is removed and the old current image becomes
-        previous; on any failure the new container is removed, the tag and the
-        parked container are put back as they were, and the EddError raised says
-        so, with "restored": true. Return the deployment's new state.
+        one, wait for the gate: the service is down only from stop to start. Each
+        step is recorded in state_dir first, so that a crash anywhere leaves a
+        record that recover() finishes (after the gate passed) or undoes (before).
+        On success the replaced image becomes previous and the parked container is
+        removed. On any failure the swap is undone and the EddError raised says
+        what docker then shows: "restored" is true only if the old container is
+        back under its name, in its state, with its image current. Return the
+        deployment's new state.
         """
-        old, parked = self._old_and_parked(deployment)
+        self.recover(deployment)
+        old, parked = self._owned_containers(deployment, [deployment.container,
+                                                          deployment.parked_container])
         if parked is not None:
-            self.recover(deployment, (old, parked))
-            old = self.owned_container(deployment)
-        old_running = bool(old and (old.get("State") or {}).get("Running"))
-        current_id = self.docker.image_id(deployment.tag("current"))
-        steps = []                  # what has been done, for the undo
+            raise Conflict(
+                "container %s is left from a swap that edd has no record of; remove it "
+                "(`docker rm -f %s`) or rename it back by hand"
+                % (deployment.parked_container, parked["Id"]))
+        # Nothing has changed so far: a check that may refuse the deploy goes here.
+        record = self._begin(deployment, old, image_id)
         try:
-            if old is not None:
-                self.docker.run("rename", deployment.container, deployment.parked_container)
-                steps.append("parked")
-            self.docker.run("tag", image_id, deployment.tag("current"))
-            steps.append("tagged")
-            self._run_container(deployment, verb=("create",))
-            if old_running:
-                self.docker.run("stop", "-t", str(deployment.stop_timeout_seconds),
-                                deployment.parked_container)
-            self.docker.run("start", deployment.container)
-            container = self._gate(deployment)
+            self._swap(deployment, record)
+            container = self._gate(deployment, record["new_id"])
+            record["phase"] = "committed"
+            write_record(self.state_dir, deployment.name, record)
         except Exception as exc:
-            container_log = self._undo(deployment, steps, current_id, old_running)
-            before = ("the previous container runs as before" if old_running else
-                      "the deployment is as it was")
-            raise EddError("deploy failed, %s: %s" % (before, exc),
-                           status=getattr(exc, "status", 500), restored=True,
-                           log=container_log, deployment=self.describe(deployment)) from None
-        if old is not None:
-            self.docker.run_quietly("rm", deployment.parked_container)
-        if current_id and current_id != image_id:
-            # Untagging previous deletes its image when nothing else names or runs it:
-            # edd removes only images it replaced itself, never a global prune.
-            self.docker.run_quietly("rmi", deployment.tag("previous"))
-            self.docker.run_quietly("tag", current_id, deployment.tag("previous"))
+            raise self._failed(deployment, record, exc) from None
+        self._finish(deployment, record)
         return describe(deployment, container)
 
-    def _gate(self, deployment):
+    def _begin(self, deployment, old, image_id):
+        """Record the swap about to start, with everything needed to undo it."""
+        tags = [deployment.tag("current"), deployment.tag("previous")]
+        images = self.docker.inspect("image", tags)
+        current_id, previous_id = (images[tag]["Id"] if tag in images else None
+                                   for tag in tags)
+        record = {
+            "deployment": deployment.name, "phase": "swapping", "image_id": image_id,
+            "token": secrets.token_hex(8), "new_id": None, "current_id": current_id,
+            "previous_id": previous_id,
+            "old": old and {"id": old["Id"], "state": run_state(old)},
+        }
+        try:
+            write_record(self.state_dir, deployment.name, record)
+        except OSError as exc:
+            raise EddError("cannot record the swap in %s: %s"
+                           % (self.state_dir, exc.strerror or exc)) from None
+        return record
+
+    def _swap(self, deployment, record):
+        """Park, tag, create, stop, start: the steps before the gate, each checked."""
+        docker, old, current = self.docker, record["old"], deployment.tag("current")
+        if old:
+            self._step(lambda: docker.run("rename", old["id"], deployment.parked_container),
+                       lambda: self._named(old["id"]) == deployment.parked_container)
+        self._step(lambda: docker.run("tag", record["image_id"], current),
+                   lambda: docker.image_id(current) == record["image_id"])
+        record["new_id"] = self._create(deployment, record["token"])
+        write_record(self.state_dir, deployment.name, record)
+        if old and old["state"] != "stopped":
+            docker.stop(old["id"], deployment.stop_timeout_seconds)
+        new_id = record["new_id"]
+        self._step(lambda: docker.run("start", new_id),
+                   lambda: run_state(docker.container(new_id)) == "running")
+
+    def _create(self, deployment, token):
+        """Create the new container; return its ID, found by its swap label if docker
+        reported failure after creating it."""
+        try:
+            return self._run_container(deployment, ("create",), token)
+        except DockerError as exc:
+            found = self.docker.swap_containers(deployment.name, token)
+            if len(found) != 1:
+                raise exc
+            log.warning("docker create reported %r, but created %s", str(exc), found[0])
+            return found[0]
+
+    def _named(self, container_id):
+        container = self.docker.container(container_id)
+        return container and container.get("Name", "").lstrip("/")
+
+    def _gate(self, deployment, container_id):
         """Return docker's JSON of the new container once it has run settle_seconds (and
-        is healthy if the image has a HEALTHCHECK); raise EddError if it exits or is not."""
+        is healthy if the image has a HEALTHCHECK); raise EddError if it exits, restarts
+        (a crash loop under a restart policy) or is not healthy in time."""
         started = time.monotonic()
+        first_start = None
         while True:
-            container = self.docker.container(deployment.container) or {}
+            container = self.docker.container(container_id) or {}
             state = container.get("State") or {}
             health = (state.get("Health") or {}).get("Status")
             waited = time.monotonic() - started
@@ -1600,6 +1848,11 @@ class Deployer:
                 raise EddError("the new container is %s (exit code %s) after %.1f s"
                                % (state.get("Status", "gone"), state.get("ExitCode"), waited),
                                status=502)
+            first_start = first_start or state.get("StartedAt")
+            if container.get("RestartCount") or state.get("StartedAt") != first_start:
+                raise EddError("the new container exited and was restarted (%s restarts) "
+                               "within %.1f s: it crashes" % (container.get("RestartCount"),
+                                                              waited), status=502)
             if health == "unhealthy":
                 raise EddError("the new container's health check failed", status=502)
             if waited >= deployment.settle_seconds and health in (None, "healthy"):
@@ -1612,39 +1865,213 @@ class Deployer:
             settling = deployment.settle_seconds - waited
             time.sleep(min(POLL_SECONDS, settling) if settling > 0 else HEALTH_POLL_SECONDS)
 
-    def _undo(self, deployment, steps, current_id, old_running):
-        """Put back what deploy() changed; return the failed container's last log lines."""
-        container_log = ""
-        # Once the old container is parked (or when there was none), whatever
-        # holds the deployment's name is the new container, even half-created.
-        if "tagged" in steps and self.docker.container(deployment.container) is not None:
-            container_log = self.docker.logs(deployment.container, LOG_TAIL_LINES)
-            self.docker.run_quietly("rm", "-f", deployment.container)
-        if "tagged" in steps:
-            if current_id:
-                self.docker.run_quietly("tag", current_id, deployment.tag("current"))
-            else:
-                self.docker.run_quietly("rmi", deployment.tag("current"))
-        if "parked" in steps:
-            self.docker.run_quietly("rename", deployment.parked_container,
-                                    deployment.container)
-        if old_running:
-            self.docker.run_quietly("start", deployment.container)
-        return container_log
+    def _finish(self, deployment, record):
+        """Complete a swap that passed its gate: the replaced image becomes previous
+        (the tag moves, so previous is never missing), the parked container goes.
+        Return True when done; the record is then removed."""
+        docker, replaced, previous = self.docker, record["current_id"], deployment.tag("previous")
+        done = True
+        if replaced and replaced != record["image_id"]:
+            done = self._ensure("deployment %s: tag %s" % (deployment.name, previous),
+                                lambda: docker.run("tag", replaced, previous),
+                                lambda: docker.image_id(previous) == replaced)
+            dropped = record["previous_id"]
+            if done and dropped not in (None, replaced, record["image_id"]):
+                self._drop_image(dropped)
+        if record["old"]:
+            parked_id = record["old"]["id"]
+            done &= self._ensure(
+                "deployment %s: remove the parked container" % deployment.name,
+                lambda: docker.run("rm", "-f", parked_id,
+                                   timeout=deployment.stop_timeout_seconds + STOP_MARGIN_SECONDS),
+                lambda: docker.container(parked_id) is None)
+        if done:
+            self._forget(deployment)
+        else:
+            log.warning("deployment %s: the swap succeeded, but its clean-up did not finish; "
+                        "edd tries again at its next start or change of the deployment",
+                        deployment.name)
+        return done
 
-    def recover(self, deployment, old_and_parked=None):
-        """Finish a swap that edd was killed in the middle of: put the parked container
-        back, running, and point the current tag at its image. Return True if it did."""
-        new, parked = old_and_parked or self._old_and_parked(deployment)
-        if parked is None:
+    def _drop_image(self, image_id):
+        """Delete an image edd untagged, unless something else names or runs it: edd
+        removes only images it replaced itself, never a global prune."""
+        try:
+            image = self.docker.inspect("image", [image_id]).get(image_id)
+        except DockerError:
+            return
+        if image and not image.get("RepoTags"):
+            self.docker.run_quietly("rmi", image_id)
+
+    def _forget(self, deployment):
+        try:
+            remove_record(self.state_dir, deployment.name)
+        except OSError as exc:
+            log.error("deployment %s: cannot remove the swap record: %s", deployment.name, exc)
+
+    # -- the undo -----------------------------------------------------------
+
+    def _failed(self, deployment, record, exc):
+        """Undo the swap that failed with `exc`; return the EddError telling the client
+        what docker shows afterwards, as observed, not as intended."""
+        if not isinstance(exc, EddError):
+            log.error("deployment %s: unexpected error in a swap", deployment.name,
+                      exc_info=exc)
+        container_log = self._collect_log(record["new_id"])
+        problems = self._undo(deployment, record)
+        restored = not problems
+        old = record["old"]
+        if restored:
+            self._forget(deployment)
+            message = "deploy failed, %s: %s" % (
+                "the deployment is as it was" if old is None else
+                "the previous container runs as before" if old["state"] == "running" else
+                "the previous container is back, %s as before" % old["state"], exc)
+        else:
+            self._report_unrestored(deployment, record, problems)
+            message = ("deploy failed, and the previous state could not be put back (%s): %s"
+                       % ("; ".join(problems), exc))
+        return EddError(message, status=getattr(exc, "status", 500), restored=restored,
+                        log=container_log, deployment=self._describe_quietly(deployment))
+
+    def _collect_log(self, container_id):
+        if not container_id:
+            return ""
+        try:
+            return self.docker.logs(container_id, LOG_TAIL_LINES, timeout=LOG_TIMEOUT)
+        except DockerError as exc:
+            return "(no log: %s)" % exc
+
+    def _undo(self, deployment, record):
+        """Put back what the recorded swap changed, each step checked and retried; return
+        what still differs from before the swap (empty: restored). Never raises."""
+        try:
+            self._undo_steps(deployment, record)
+        except Exception:
+            log.exception("deployment %s: error while undoing a swap", deployment.name)
+        try:
+            return self._unrestored(deployment, record)
+        except Exception as exc:
+            return ["docker cannot tell what is there: %s" % exc]
+
+    def _undo_steps(self, deployment, record):
+        docker, name, old = self.docker, deployment.name, record["old"]
+        for new_id in self._new_containers(record):
+            self._ensure("deployment %s: remove the new container" % name,
+                         lambda: docker.run("rm", "-f", new_id, timeout=(
+                             deployment.stop_timeout_seconds + STOP_MARGIN_SECONDS)),
+                         lambda: docker.container(new_id) is None)
+        current, current_id = deployment.tag("current"), record["current_id"]
+        self._ensure("deployment %s: put back %s" % (name, current),
+                     lambda: docker.run("tag", current_id, current) if current_id
+                     else docker.run("rmi", current),
+                     lambda: docker.image_id(current) == current_id)
+        if old:
+            # Only by ID, and only the container this swap parked: a container that
+            # took the name meanwhile is not edd's to remove.
+            self._ensure("deployment %s: rename the old container back" % name,
+                         lambda: docker.run("rename", old["id"], deployment.container),
+                         lambda: self._named(old["id"]) == deployment.container)
+            self._ensure("deployment %s: put the old container back %s" % (name, old["state"]),
+                         lambda: self._bring_to(deployment, old["id"], old["state"]),
+                         lambda: run_state(docker.container(old["id"])) == old["state"])
+
+    def _new_containers(self, record):
+        """The IDs of what the swap created: the recorded one, and any carrying its label
+        (docker may have created it without edd learning the ID)."""
+        found = [record["new_id"]] if record["new_id"] else []
+        try:
+            found += [c for c in self.docker.swap_containers(record["deployment"], record["token"])
+                      if c not in found]
+        except DockerError as exc:
+            log.warning("deployment %s: cannot list the swap's containers: %s",
+                        record["deployment"], exc)
+        return found
+
+    def _bring_to(self, deployment, container_id, wanted):
+        """Start, pause, unpause or stop the container until it is `wanted`."""
+        have = run_state(self.docker.container(container_id))
+        if wanted == "stopped" and have != "stopped":
+            self.docker.stop(container_id, deployment.stop_timeout_seconds)
+            return
+        if have == "stopped" and wanted != "stopped":
+            self.docker.run("start", container_id)
+            have = "running"
+        if have == "running" and wanted == "paused":
+            self.docker.run("pause", container_id)
+        elif have == "paused" and wanted == "running":
+            self.docker.run("unpause", container_id)
+
+    def _unrestored(self, deployment, record):
+        """What docker shows that differs from before the swap, as sentences."""
+        docker, old, problems = self.docker, record["old"], []
+        new_ids = [record["new_id"]] if record["new_id"] else []
+        for new_id in set(new_ids + docker.swap_containers(deployment.name, record["token"])):
+            if docker.container(new_id) is not None:
+                problems.append("the new container %s is still there" % _short(new_id))
+        current = docker.image_id(deployment.tag("current"))
+        if current != record["current_id"]:
+            problems.append("%s is %s, not %s" % (deployment.tag("current"), current or "absent",
+                                                  record["current_id"] or "absent"))
+        if old:
+            container = docker.container(old["id"])
+            if container is None:
+                problems.append("the old container %s is gone" % _short(old["id"]))
+                return problems
+            name = container.get("Name", "").lstrip("/")
+            if name != deployment.container:
+                holder = docker.container(deployment.container)
+                problems.append("the old container %s is named %s%s" % (
+                    _short(old["id"]), name, "" if holder is None else
+                    ", as %s is taken by container %s" % (deployment.container,
+                                                        _short(holder.get("Id")))))
+            if run_state(container) != old["state"]:
+                problems.append("the old container is %s, not %s"
+                                % (run_state(container), old["state"]))
+        return problems
+
+    def _report_unrestored(self, deployment, record, problems):
+        """One ERROR line: what is wrong, and the docker commands that put it right."""
+        fix = []
+        for new_id in [record["new_id"]] if record["new_id"] else []:
+            fix.append("docker rm -f %s" % new_id)
+        fix.append("docker tag %s %s" % (record["current_id"], deployment.tag("current"))
+                   if record["current_id"] else "docker rmi %s" % deployment.tag("current"))
+        old = record["old"]
+        if old:
+            fix.append("docker rename %s %s" % (old["id"], deployment.container))
+            fix += {"running": ["docker start %s" % old["id"]],
+                    "paused": ["docker start %s" % old["id"], "docker pause %s" % old["id"]],
+                    "stopped": []}[old["state"]]
+        log.error("deployment %s: a failed swap could not be undone: %s. To fix it by hand: "
+                  "%s. edd tries the undo again at its next start or change of the deployment",
+                  deployment.name, "; ".join(problems), "; ".join(fix))
+
+    # -- recovery -----------------------------------------------------------
+
+    def recover(self, deployment):
+        """Complete the deployment's recorded swap, left by a crash or a failed undo:
+        finish it if it had passed its gate, undo it if not. Return True if there was
+        one; raise EddError if it cannot be completed now."""
+        record = read_record(self.state_dir, deployment.name)
+        if record is None:
             return False
-        log.warning("deployment %s: found parked container %s from an interrupted "
-                    "swap; restoring it", deployment.name, deployment.parked_container)
-        if new is not None:
-            self.docker.run("rm", "-f", deployment.container)
-        self.docker.run("tag", parked["Image"], deployment.tag("current"))
-        self.docker.run("rename", deployment.parked_container, deployment.container)
-        self.docker.run("start", deployment.container)
+        if record["phase"] == "committed":
+            log.warning("deployment %s: finishing a swap that passed its gate",
+                        deployment.name)
+            if not self._finish(deployment, record):
+                raise EddError("deployment %r: an earlier swap succeeded but its clean-up "
+                               "failed; edd's log has the details" % deployment.name,
+                               status=502)
+            return True
+        log.warning("deployment %s: undoing a swap that was interrupted", deployment.name)
+        problems = self._undo(deployment, record)
+        if problems:
+            self._report_unrestored(deployment, record, problems)
+            raise EddError("deployment %r: an earlier swap could not be undone: %s"
+                           % (deployment.name, "; ".join(problems)), status=502,
+                           restored=False, deployment=self._describe_quietly(deployment))
+        self._forget(deployment)
         return True
 
 
@@ -1732,8 +2159,9 @@ class Metrics:
     HELP = {
         "edd_requests_total": ("counter", "HTTP requests answered, by status."),
         "edd_deploys_total": ("counter", "Loads and rollbacks, by deployment and outcome."),
-        "edd_restores_total": ("counter", "Failed deploys after which the old state was restored."),
-        "edd_recoveries_total": ("counter", "Interrupted swaps repaired at startup."),
+        "edd_restores_total": ("counter", "Failed deploys after which the old state was "
+                                          "seen restored."),
+        "edd_recoveries_total": ("counter", "Unfinished swaps completed at startup."),
         "edd_upload_bytes_total": ("counter", "Image archive bytes received."),
         "edd_deploy_duration_seconds": ("histogram", "Time from request to deployed or restored."),
         "edd_build_info": ("gauge", "edd's version and Python's."),
@@ -1822,11 +2250,16 @@ class App:
         # The context and a fingerprint of the trust it carries, swapped together:
         # a connection made under other trust is ended (see Server.end_stale).
         self.tls = (make_ssl_context(config), tls_fingerprint(config))
-        self.deployer = Deployer(detect_engine(Docker(config.docker)))
+        try:
+            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("%s: state_dir: cannot create %s: %s"
+                              % (config.path, config.state_dir, exc.strerror)) from None
+        self.deployer = Deployer(detect_engine(Docker(config.docker)), config.state_dir)
         self.janitor = Janitor()
         self.metrics = Metrics()
         self.stopping = threading.Event()
-        self._busy = {}             # deployment name -> what holds it
+        self._busy = {}             # deployment name -> (what holds it, its lock file)
         self._busy_lock = threading.Lock()
 
     @property
@@ -1849,9 +2282,13 @@ class App:
         if config.listen != self.config.listen:
             log.warning("listen changed to %s:%d; that takes a restart", *config.listen)
             config = dataclasses.replace(config, listen=self.config.listen)
+        if config.state_dir != self.config.state_dir:
+            # Swap records and locks of running requests are in the old one.
+            log.warning("state_dir changed to %s; that takes a restart", config.state_dir)
+            config = dataclasses.replace(config, state_dir=self.config.state_dir)
         self.trust_changed = fingerprint != self.tls[1]
         self.config, self.tls = config, (context, fingerprint)
-        self.deployer = Deployer(detect_engine(Docker(config.docker)))
+        self.deployer = Deployer(detect_engine(Docker(config.docker)), config.state_dir)
         log.info("reloaded %s: %d deployments%s", config.path, len(config.deployments),
                  "; TLS files changed, closing connections made before"
                  if self.trust_changed else "")
@@ -1870,25 +2307,65 @@ class App:
         return deployment
 
     def hold(self, deployment, what):
-        """Mark the deployment busy with `what`, or raise Conflict if it already is."""
+        """Mark the deployment busy with `what`, here and for other edd processes that
+        share state_dir; raise Conflict if it already is."""
         with self._busy_lock:
             if deployment.name in self._busy:
                 raise Conflict("deployment %r is busy: %s" % (deployment.name,
-                                                             self._busy[deployment.name]))
-            self._busy[deployment.name] = what
+                                                             self._busy[deployment.name][0]))
+            lock = lock_deployment(self.config.state_dir, deployment.name)
+            self._busy[deployment.name] = (what, lock)
 
     def release(self, deployment):
         with self._busy_lock:
-            self._busy.pop(deployment.name, None)
+            what, lock = self._busy.pop(deployment.name, (None, None))
+        if lock is not None:
+            os.close(lock)
+
+    def busy(self):
+        """What holds deployments now, e.g. ["load by alice (request 1f2e3d4c)"]."""
+        with self._busy_lock:
+            return [what for what, lock in self._busy.values()]
 
     def recover_all(self):
-        for deployment in self.config.deployments.values():
+        """Complete the swaps that edd left unfinished (killed, or an undo that failed).
+        While docker does not answer, keep trying in the background."""
+        if not self._docker_answers():
+            log.error("docker is not answering; unfinished swaps will be completed "
+                      "when it does")
+            threading.Thread(target=self._recover_when_docker_answers, name="recovery",
+                             daemon=True).start()
+            return
+        self._recover_each()
+
+    def _docker_answers(self):
+        return _holds(lambda: self.deployer.docker.run(
+            "version", "--format", "{{.Server.Version}}", timeout=DOCKER_TIMEOUT))
+
+    def _recover_when_docker_answers(self):
+        pause = 1
+        while not self.stopping.wait(pause):
+            if self._docker_answers():
+                log.info("docker answers again")
+                self._recover_each()
+                return
+            pause = min(pause * 2, 30)
+
+    def _recover_each(self):
+        for deployment in list(self.config.deployments.values()):
+            try:
+                self.hold(deployment, "recovery at start-up")
+            except EddError as exc:     # another edd process is in the middle of it
+                log.info("deployment %s: not recovering it: %s", deployment.name, exc)
+                continue
             try:
                 if self.deployer.recover(deployment):
                     self.metrics.count("edd_recoveries_total", deployment=deployment.name)
             except EddError as exc:
-                log.error("deployment %s: could not repair an interrupted swap: %s",
+                log.error("deployment %s: could not complete an unfinished swap: %s",
                           deployment.name, exc)
+            finally:
+                self.release(deployment)
 
 
 # ---------------------------------------------------------------------------
@@ -2495,7 +2972,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if received:
             metrics.count("edd_upload_bytes_total", received, deployment=name)
         if action in ("load", "rollback"):
-            outcome = ("deployed" if status < 300 else "restored" if result.get("restored")
+            restored = result.get("restored")
+            outcome = ("deployed" if status < 300 else "restored" if restored
+                       else "restore_failed" if restored is False
                        else "refused" if status < 500 else "failed")
             metrics.count("edd_deploys_total", deployment=name, action=action,
                           outcome=outcome)
@@ -2875,7 +3354,7 @@ class Server(http.server.ThreadingHTTPServer):
 # systemd, signals, logging
 # ---------------------------------------------------------------------------
 
-STOP_GRACE_SECONDS = 75        # below systemd's default TimeoutStopSec of 90 s
+STOP_GRACE_SECONDS = 75        # SIGTERM's wait for requests other than changes
 
 
 def sd_notify(message):
@@ -2979,8 +3458,13 @@ def serve(app, server):
     app.stopping.set()
     server.server_close()
     server.stop_reading()
-    if not server.wait_idle(STOP_GRACE_SECONDS):
-        log.warning("exiting with requests still running")
+    # A swap is waited for however long its gate (systemd's TimeoutStopSec bounds
+    # it): cut short, it would leave an ungated container running.
+    while not server.wait_idle(STOP_GRACE_SECONDS):
+        if not app.busy():
+            log.warning("exiting with requests still running")
+            break
+        log.info("waiting for %s", "; ".join(app.busy()))
     log.info("stopped")
     return 0
 

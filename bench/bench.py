@@ -326,6 +326,7 @@ class Edd:
             "server_cert": os.path.join(pki, "server.crt"),
             "server_key": os.path.join(pki, "server.key"),
             "client_ca": os.path.join(pki, "ca.crt"),
+            "state_dir": os.path.join(folder, "state"),
             "deployments": [{"name": DEPLOYMENT,
                              "args": ["-p", "127.0.0.1:%d:8000" % app_port],
                              "settle_seconds": 0, "stop_timeout_seconds": 2}],

@@ -51,6 +51,11 @@ Fixture API (keep these names stable; other test files use them):
     oci_archive(source, target, tags, compress=True) -> Path   (issue 9) the same image
                               in the OCI layout, layers gzip'd and named by that digest
     HTTPD_CMD, PROMPT_STOP_CMD (the default CMD), EXITS_CMD, HEALTHY_CHECK, FAILING_CHECK
+    faulty_docker             (issue 10) a FaultyDocker: .path is a docker CLI to give edd
+                              as `docker`; .set(rule, ...) arms faults (tests/faulty_docker.py
+                              documents the rules); .calls(action=None) lists what ran.
+    Every edd of a test shares state_dir <tmp_path>/state (swap records and locks)
+                              unless the config given to start() names another.
 
 Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
 """
@@ -125,6 +130,11 @@ def pytest_generate_tests(metafunc):
     if marker:
         assert marker.kwargs.get("reason"), "@pytest.mark.engines needs a reason="
         engines = [engine for engine in engines if engine in marker.args]
+    if "faulty_docker" in metafunc.fixturenames:
+        # The fault wrapper stands in front of the docker CLI: what it injects
+        # (a CLI that fails, hangs or lies) is handled by edd the same way
+        # whatever engine is behind it. This file's real-engine cases run on both.
+        engines = [engine for engine in engines if engine == "docker"]
     if not engines:
         # This test has no engine it runs on in this session (EDD_TEST_ENGINES).
         metafunc.parametrize("docker", [pytest.param(None, marks=pytest.mark.skip(
@@ -617,6 +627,8 @@ class EddFactory:
         config.setdefault("server_key", str(self.pki.server_key))
         config.setdefault("client_ca", str(self.pki.ca))
         config.setdefault("deployments", [])
+        # One state dir per test: the edd processes of a test share swap records and locks.
+        config.setdefault("state_dir", str(self.tmp_path / "state"))
         return config
 
     def _track(self, config):
@@ -1053,3 +1065,43 @@ def is_podman(cli=None):
 def _local(ref):
     """podman's name for a local image, as docker spells it: localhost/x:y is x:y."""
     return ref[len("localhost/"):] if ref.startswith("localhost/") else ref
+
+
+# ---------------------------------------------------------------------------
+# Swap faults (issue 10): a docker CLI that fails on cue, a state dir per test
+# ---------------------------------------------------------------------------
+
+class FaultyDocker:
+    """tests/faulty_docker.py behind a shim in `directory`: give `.path` to edd as its
+    `docker`; `.set(rules)` arms faults (see that file), `.calls()` lists what ran."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "docker"
+        self.path.write_text('#!/bin/sh\nexec "%s" "%s" "%s" "$@"\n' % (
+            sys.executable, REPO / "tests" / "faulty_docker.py", self.dir))
+        self.path.chmod(0o755)
+
+    def set(self, *rules):
+        """Replace the rules; matches are counted afresh from now on."""
+        for name in ("counts.json", "calls.log"):
+            if (self.dir / name).exists():
+                (self.dir / name).unlink()
+        staging = self.dir / "rules.json.new"
+        staging.write_text(json.dumps(list(rules)))
+        os.replace(str(staging), str(self.dir / "rules.json"))
+
+    def calls(self, action=None):
+        """[(action, argument line)] of every call since the last set(), in order."""
+        try:
+            lines = (self.dir / "calls.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        found = [tuple(line.split(" ", 1)) for line in lines]
+        return [c for c in found if action is None or c[0] == action]
+
+
+@pytest.fixture
+def faulty_docker(tmp_path):
+    return FaultyDocker(tmp_path / "faulty-docker")
