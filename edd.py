@@ -615,7 +615,15 @@ class Docker:
 
     def image_ids(self):
         """The IDs of every image on the host, intermediate ones too."""
-        return set(self.run("images", "--all", "--quiet", "--no-trunc", timeout=60).split())
+        for attempt in range(3):
+            try:
+                return set(self.run("images", "--all", "--quiet", "--no-trunc",
+                                    timeout=60).split())
+            except DockerError as exc:
+                # podman lists in two passes: an image removed in between fails
+                # the whole listing ("image not known"); the next look is whole.
+                if attempt == 2 or not _is_missing(str(exc)):
+                    raise
 
     def run_quietly(self, *args):
         """Run a clean-up command whose failure is only worth a log line."""
