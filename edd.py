@@ -20,6 +20,7 @@ API (JSON in and out; errors are {"error": "..."}):
     GET        /v1/health                          edd and docker are answering
     GET        /metrics                            Prometheus text format
     /v1/NAME/ACTION is accepted as an alias of /v1/deployments/NAME/ACTION.
+    HEAD works wherever GET does (headers only); other methods get 405 with Allow.
 
 Threat model: mutual TLS proves that a client holds a key certified by client_ca;
 `clients` and `admins` narrow which deployments each identity may touch. A client
@@ -1034,14 +1035,17 @@ def route(method, template, action=None):
 
 
 def match_route(method, path):
-    """(function, path parameters, action) for the request; NotFound or MethodNotAllowed."""
+    """(function, path parameters, action) for the request; NotFound or MethodNotAllowed.
+
+    HEAD runs the GET route: the handler sends its headers and leaves out the body."""
     allowed = []
     for route_method, pattern, function, action in ROUTES:
         match = pattern.match(path)
         if match:
-            if route_method == method:
+            methods = (route_method, "HEAD") if route_method == "GET" else (route_method,)
+            if method in methods:
                 return function, match.groupdict(), action
-            allowed.append(route_method)
+            allowed.extend(methods)
     if allowed:
         raise MethodNotAllowed(sorted(set(allowed)))
     raise NotFound("no such route: %s" % path)
@@ -1275,10 +1279,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response_only(100)
             self.end_headers()
 
-    def do_GET(self):
-        self.dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    def __getattr__(self, name):
+        # http.server calls do_<METHOD> and answers 501 where there is none: every
+        # method goes to the route table instead, which answers 404 or 405 in JSON.
+        if name.startswith("do_"):
+            return self.dispatch
+        raise AttributeError(name)
 
     def dispatch(self):
         started = time.monotonic()
@@ -1318,7 +1324,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(response.body)
+            if self.command != "HEAD":
+                self.wfile.write(response.body)
         except OSError:
             self.close_connection = True
 
@@ -1596,6 +1603,32 @@ def serve(app, server):
 # main
 # ---------------------------------------------------------------------------
 
+M_ARENA_MAX = -8               # glibc's malloc.h
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas(count=MALLOC_ARENAS):
+    """Cap glibc's malloc arenas at `count`; return True if glibc took the setting.
+
+    glibc gives each new thread an arena of its own (up to 8 per core) and keeps
+    what is freed in it, so a thread per connection lifts RSS by megabytes that
+    never come back. MALLOC_ARENA_MAX in the environment wins: glibc has read it
+    already. Without glibc (musl) this quietly does nothing.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (ValueError, OSError):
+        return False
+    try:
+        import ctypes       # here: only the daemon needs it, and only on glibc
+        return ctypes.CDLL(None).mallopt(M_ARENA_MAX, count) == 1
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
 def check(path):
     """Like `nginx -t`: validate the config, TLS files and docker; return 0 or 1."""
     try:
@@ -1630,6 +1663,8 @@ def main(argv=None):
     setup_logging(args.log_level)
     if args.check:
         return check(args.config)
+    if limit_malloc_arenas():
+        log.debug("malloc arenas limited to %d", MALLOC_ARENAS)
     try:
         app = App(load_config(args.config))
     except ConfigError as exc:
