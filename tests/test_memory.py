@@ -1,9 +1,10 @@
-"""Memory under concurrency (issue 16): edd caps glibc's malloc arenas at start-up.
+"""Memory under concurrency (issue 16): edd tunes glibc's malloc at start-up.
 
-glibc gives each new thread its own arena and keeps what was freed in it; with a
-thread per connection that kept RSS megabytes above the target. The bench measures
-the RSS; these tests prove the cap is applied, by counting the arenas glibc itself
-reports (malloc_stats), and that edd starts with it.
+glibc gives each new thread its own arena and keeps what was freed in it, and it
+raises its mmap threshold after a large free; with a thread per connection and a
+1 MiB upload buffer that kept RSS megabytes above the target. The bench measures
+the RSS; these tests prove the settings take effect, from what glibc itself
+reports (malloc_stats, mallinfo), and that edd starts with them.
 """
 
 import ctypes
@@ -34,7 +35,8 @@ import ctypes, sys, threading
 sys.path.insert(0, sys.argv[1])
 sys.dont_write_bytecode = True
 import edd
-print(edd.limit_malloc_arenas() if sys.argv[2] == "limit" else "untouched", flush=True)
+print([name for name, _, _ in edd.tune_malloc()] if sys.argv[2] == "tune" else "untouched")
+sys.stdout.flush()
 barrier = threading.Barrier(9)
 held = []
 def work():
@@ -51,37 +53,80 @@ for thread in threads:
     thread.join()
 """
 
-needs_glibc = pytest.mark.skipif(not glibc_version(), reason="malloc arenas are glibc's")
+# After a 1 MiB block is freed, is a 512 KiB one still mmap'd (mallinfo's hblks
+# counts the mmap'd blocks)? glibc's dynamic threshold would put it in an arena.
+MMAP_PROBE = r"""
+import ctypes, sys
+sys.path.insert(0, sys.argv[1])
+sys.dont_write_bytecode = True
+import edd
+class MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+                .split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo.restype = MallInfo
+if sys.argv[2] == "tune":
+    edd.tune_malloc()
+upload_buffer = bytearray(1 << 20)
+del upload_buffer
+before = libc.mallinfo().hblks
+held = bytearray(512 << 10)
+print(libc.mallinfo().hblks - before)
+"""
+
+needs_glibc = pytest.mark.skipif(not glibc_version(), reason="malloc tuning is glibc's")
+ARENAS = dict((name, value) for name, _, value in edd.MALLOC_SETTINGS)["MALLOC_ARENA_MAX"]
 
 
-def arenas_with(mode):
-    """(what limit_malloc_arenas returned, arenas glibc reports) in a fresh Python."""
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    done = subprocess.run([sys.executable, "-c", ARENA_PROBE, str(REPO), mode], env=env,
+def probe(script, mode):
+    """(stdout, stderr) of `script` run by a fresh Python, with no MALLOC_ variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    done = subprocess.run([sys.executable, "-c", script, str(REPO), mode], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=60, check=True)
-    return done.stdout.strip(), done.stderr.count("Arena ")
+    return done.stdout.strip(), done.stderr
 
 
 @needs_glibc
-def test_threads_share_two_arenas_once_limited():
-    returned, arenas = arenas_with("limit")
-    assert returned == "True"
-    assert 1 <= arenas <= edd.MALLOC_ARENAS
+def test_threads_share_two_arenas_once_tuned():
+    out, stats = probe(ARENA_PROBE, "tune")
+    assert out.splitlines()[0] == "['MALLOC_ARENA_MAX', 'MALLOC_MMAP_THRESHOLD_']"
+    assert ARENAS == 2 and 1 <= stats.count("Arena ") <= ARENAS, stats
 
 
 @needs_glibc
-def test_without_the_limit_each_thread_gets_an_arena():
+def test_untuned_each_thread_gets_an_arena():
     # The control for the test above: the probe can tell the difference.
-    returned, arenas = arenas_with("none")
-    assert returned == "untouched"
-    assert arenas > edd.MALLOC_ARENAS
+    out, stats = probe(ARENA_PROBE, "untouched")
+    assert out.splitlines()[0] == "untouched"
+    assert stats.count("Arena ") > ARENAS, stats
 
 
-def test_environment_setting_wins(monkeypatch):
+@needs_glibc
+@pytest.mark.parametrize("mode, mmapped", [("tune", "1"), ("untouched", "0")])
+def test_mmap_threshold_stays_fixed_after_a_large_free(mode, mmapped):
+    assert probe(MMAP_PROBE, mode)[0] == mmapped
+
+
+def test_environment_settings_win(monkeypatch):
+    calls = []
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    monkeypatch.setattr(ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
-    assert edd.limit_malloc_arenas() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a: FakeLibc(calls))
+    assert [name for name, _, _ in edd.tune_malloc()] == ["MALLOC_MMAP_THRESHOLD_"]
+    assert calls == [(-3, 128 << 10)]
+
+
+class FakeLibc:
+    """Records mallopt calls instead of changing this test process's malloc."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def mallopt(self, parameter, value):
+        self.calls.append((parameter, value))
+        return 1
 
 
 @pytest.mark.parametrize("confstr", [
@@ -91,10 +136,9 @@ def test_environment_setting_wins(monkeypatch):
 ])
 def test_without_glibc_quietly_does_nothing(monkeypatch, confstr):
     # What musl answers: no such name, no value, or EINVAL.
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.setattr(os, "confstr", confstr)
     monkeypatch.setattr(ctypes, "CDLL", lambda *a: pytest.fail("mallopt must not be called"))
-    assert edd.limit_malloc_arenas() is False
+    assert edd.tune_malloc() == []
 
 
 def start_until_ready(pki, tmp_path, env_extra=()):
@@ -104,7 +148,7 @@ def start_until_ready(pki, tmp_path, env_extra=()):
         "listen": "127.0.0.1:%d" % free_port(), "server_cert": str(pki.server_cert),
         "server_key": str(pki.server_key), "client_ca": str(pki.ca), "deployments": []}))
     notify = tmp_path / "notify"
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.update(env_extra, NOTIFY_SOCKET=str(notify))
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(notify))
@@ -124,13 +168,14 @@ def start_until_ready(pki, tmp_path, env_extra=()):
 
 
 @needs_glibc
-def test_edd_starts_with_arenas_limited(pki, tmp_path):
+def test_edd_starts_with_malloc_tuned(pki, tmp_path):
     log = start_until_ready(pki, tmp_path)
-    assert "malloc arenas limited to %d" % edd.MALLOC_ARENAS in log, log
+    assert "malloc tuned: MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072" in log, log
     assert "listening on" in log, log
 
 
-def test_edd_leaves_an_operators_setting_alone(pki, tmp_path):
-    log = start_until_ready(pki, tmp_path, {"MALLOC_ARENA_MAX": "4"})
-    assert "malloc arenas limited" not in log, log
+def test_edd_leaves_an_operators_settings_alone(pki, tmp_path):
+    log = start_until_ready(pki, tmp_path, {"MALLOC_ARENA_MAX": "4",
+                                            "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert "malloc tuned: nothing" in log, log
     assert "listening on" in log, log
