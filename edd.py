@@ -1617,8 +1617,8 @@ MALLOC_SETTINGS = (
 
 def tune_malloc(settings=MALLOC_SETTINGS):
     """Apply `settings` with glibc's mallopt, each unless its environment variable
-    is set (glibc has read that already); return the settings applied. Without
-    glibc (musl) this quietly does nothing. Call it before any thread starts."""
+    is set (glibc has read that already); return what it applied, as NAME=value.
+    Without glibc (musl) this quietly does nothing. Call it before threads start."""
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION"):
             return []
@@ -1626,7 +1626,7 @@ def tune_malloc(settings=MALLOC_SETTINGS):
         mallopt = ctypes.CDLL(None).mallopt
     except (ValueError, OSError, ImportError, AttributeError):
         return []
-    return [(name, parameter, value) for name, parameter, value in settings
+    return ["%s=%d" % (name, value) for name, parameter, value in settings
             if name not in os.environ and mallopt(parameter, value) == 1]
 
 
@@ -1664,9 +1664,7 @@ def main(argv=None):
     setup_logging(args.log_level)
     if args.check:
         return check(args.config)
-    applied = tune_malloc()
-    log.debug("malloc tuned: %s", " ".join("%s=%d" % (name, value)
-                                           for name, _, value in applied) or "nothing")
+    log.debug("malloc tuned: %s", " ".join(tune_malloc()) or "nothing")
     try:
         app = App(load_config(args.config))
     except ConfigError as exc:
