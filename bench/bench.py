@@ -18,10 +18,15 @@ first), interleaved in rotating order:
 and measures edd's memory and CPU (from /proc), the latency of a small push and of
 GET /v1/deployments/bench over fresh mTLS connections, and the downtime of a
 redeploy (a prober polls the deployment's port every 20 ms), next to the same swap
-done by hand with docker stop, rm and run.
+done by hand with docker stop, rm and run. It also measures edd's peak RSS (VmHWM)
+while 4 clients GET the deployment over fresh mTLS connections during a series of
+small pushes, and the time from starting edd (a real config, NOTIFY_SOCKET set as
+systemd does) to its READY=1, on Python 3.8, 3.11 and 3.13 where they are found.
 
-The figures are only as good as the machine is quiet: the report says how busy
-it was with other work, and --rounds buys steadier medians.
+Seconds are medians over the rounds, shown with their range (min-max). The
+figures are only as good as the machine is quiet: the report says how busy it was
+with other work (idle CPU samples and the load average), and --rounds buys
+steadier medians.
 
 It starts its own edd (a throwaway PKI, `settle_seconds: 0`) and its own sshd
 (throwaway host and client keys, key auth only), and removes every container,
@@ -846,6 +851,200 @@ def measure_stop_time(image, count):
 
 
 # ---------------------------------------------------------------------------
+# Issue 16: memory under concurrent GETs, start-up time, spread over rounds
+# ---------------------------------------------------------------------------
+
+GET_CLIENTS = 4
+STARTUP_PYTHONS = ("3.8", "3.11", "3.13")
+HARDENING_TARGETS = {"rss_concurrent_mib": 35.0, "startup_ms": 150.0}
+
+
+def load_average():
+    """The kernel's 1, 5 and 15 minute load averages, as /proc/loadavg has them."""
+    with open("/proc/loadavg") as loadavg:
+        return " ".join(loadavg.read().split()[:3])
+
+
+class GetClients:
+    """GET_CLIENTS threads that each GET /v1/deployments/bench in a loop, every time
+    over a fresh mTLS connection, as monitoring and dashboards do on a busy host."""
+
+    def __init__(self, edd, count=GET_CLIENTS):
+        self.edd, self.times, self.errors = edd, [], []
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, daemon=True)
+                         for _ in range(count)]
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                status, answer = self.edd.get("/v1/deployments/" + DEPLOYMENT)
+                failure = None if status == 200 else "HTTP %d: %s" % (status, answer)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                failure = "%s: %s" % (type(exc).__name__, exc)
+            with self._lock:
+                if failure:
+                    self.errors.append(failure)
+                else:
+                    self.times.append(time.monotonic() - started)
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def measure_concurrent_rss(methods, images, pushes):
+    """edd's peak RSS (VmHWM, and sampled VmRSS) while GET_CLIENTS clients GET the
+    deployment over fresh connections and `pushes` small pushes replace its container."""
+    edd = methods.edd
+    if methods.running is None:
+        push_other(methods, images)
+    before = edd.rss_mib()
+    with RssSampler(edd) as rss, GetClients(edd) as clients:
+        swaps = [push_other(methods, images) for _ in range(pushes)]
+    if clients.errors:
+        raise BenchError("%d of %d GETs during pushes failed, e.g. %s" % (
+            len(clients.errors), len(clients.errors) + len(clients.times), clients.errors[0]))
+    return {"peak": rss.peak, "before": before, "after": edd.rss_mib(), "pushes": pushes,
+            "swaps": swaps, "gets": clients.times, "clients": GET_CLIENTS}
+
+
+def find_pythons(wanted=STARTUP_PYTHONS):
+    """An interpreter that runs for each wanted version: pythonX.Y on PATH (a pyenv
+    shim may not), else the newest X.Y.Z in ~/.pyenv/versions."""
+    root = os.path.expanduser("~/.pyenv/versions")
+    installed = os.listdir(root) if os.path.isdir(root) else []
+    found = []
+    for version in wanted:
+        releases = sorted((name for name in installed
+                           if re.match(re.escape(version) + r"\.\d+\Z", name)),
+                          key=lambda name: int(name.rsplit(".", 1)[1]))
+        candidates = [shutil.which("python" + version)] + [
+            os.path.join(root, name, "bin", "python") for name in reversed(releases)]
+        path = next((path for path in candidates if path and
+                     run([path, "-c", "pass"], check=False).returncode == 0), None)
+        if path:
+            found.append(path)
+        else:
+            progress("no Python %s found: start-up not measured on it" % version)
+    return found
+
+
+def time_to_ready(python, program, config_path, folder):
+    """Seconds from starting edd as systemd would (NOTIFY_SOCKET set) to its READY=1."""
+    address = os.path.join(folder, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(address)
+        notify.settimeout(30)
+        started = time.monotonic()
+        proc = subprocess.Popen([python, program, "--config", config_path],
+                                env=dict(os.environ, NOTIFY_SOCKET=address),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            while True:
+                try:
+                    message = notify.recv(4096)
+                except socket.timeout:
+                    raise BenchError("%s %s sent no READY=1 within 30 s" % (python, program))
+                if message.split(b"\n")[0] == b"READY=1":
+                    return time.monotonic() - started
+        finally:
+            proc.terminate()
+            err = proc.communicate(timeout=30)[1]
+            os.unlink(address)
+            if proc.returncode not in (0, -signal.SIGTERM):
+                raise BenchError("edd on %s exited %d: %s" % (python, proc.returncode,
+                                                              err.decode()[-2000:]))
+
+
+def measure_startup(edd, program, folder, pythons, count):
+    """{python: (version, [seconds to READY=1])}: `count` starts each, interleaved, with
+    a real config (the bench's PKI, one deployment, which edd inspects at start-up)."""
+    os.makedirs(folder)
+    config = {"listen": "127.0.0.1:%d" % free_port(),
+              "server_cert": os.path.join(edd.pki, "server.crt"),
+              "server_key": os.path.join(edd.pki, "server.key"),
+              "client_ca": os.path.join(edd.pki, "ca.crt"),
+              "deployments": [{"name": "eddbench-startup",
+                               "args": ["-p", "127.0.0.1:%d:8000" % free_port()]}]}
+    config_path = os.path.join(folder, "startup.json")
+    with open(config_path, "w") as file:
+        json.dump(config, file)
+    results = {python: (run([python, "-c", "import platform; "
+                             "print(platform.python_version())"]).stdout.strip(), [])
+               for python in pythons}
+    for python in pythons:                  # a first start warms the page cache
+        time_to_ready(python, program, config_path, folder)
+    for _ in range(count):
+        for python in pythons:
+            results[python][1].append(time_to_ready(python, program, config_path, folder))
+    return results
+
+
+def spread(values, unit=1.0, fmt="%.2f"):
+    """'median (min-max)' of `values`, each times `unit`."""
+    return (fmt + " (" + fmt + "-" + fmt + ")") % (median(values) * unit, min(values) * unit,
+                                                   max(values) * unit)
+
+
+def spread_lines(results, rounds):
+    """Per size and method: median seconds and the range over the rounds, and the
+    same for the per-round ratios."""
+    lines = ["Spread over the %d rounds: median (min-max)" % rounds]
+    for size, runs in results["transfer"].items():
+        seconds = {name: [r["seconds"] for r in records] for name, records in runs.items()}
+        per_round = {name: [e / o for e, o in zip(seconds["edd"], seconds[name])]
+                     for name in ("local", "ssh")}
+        lines.append("  %-6s local %s s, edd %s s, ssh %s s; edd/local %s, edd/ssh %s" % (
+            size_label(size), spread(seconds["local"]), spread(seconds["edd"]),
+            spread(seconds["ssh"]), spread(per_round["local"]), spread(per_round["ssh"])))
+    return lines
+
+
+def hardening_lines(results):
+    lines = []
+    soak = results.get("concurrent")
+    if soak:
+        lines.append(
+            "edd RSS with %d clients GETting /v1/deployments/%s over fresh mTLS connections "
+            "during %d small pushes: peak %.1f MiB (%.1f before, %.1f after); %d GETs, "
+            "0 errors, p50 %.0f ms, p90 %.0f ms; pushes p50 %.2f s" % (
+                soak["clients"], DEPLOYMENT, soak["pushes"], soak["peak"], soak["before"],
+                soak["after"], len(soak["gets"]), percentile(soak["gets"], 50) * 1000,
+                percentile(soak["gets"], 90) * 1000, percentile(soak["swaps"], 50)))
+    startup = results.get("startup")
+    if startup:
+        count = len(next(iter(startup.values()))[1])
+        lines.append("start-up to READY=1 (real config, %d starts each): median (min-max) "
+                     % count + "; ".join("Python %s %s ms" % (version, spread(times, 1000, "%.0f"))
+                                         for version, times in startup.values()))
+    return lines
+
+
+def hardening_checks(results):
+    """[(target, met, measured)] for the targets of issue 16."""
+    checks = []
+    soak = results.get("concurrent")
+    if soak:
+        limit = HARDENING_TARGETS["rss_concurrent_mib"]
+        checks.append(("peak RSS with %d GET clients <= %.0f MiB" % (soak["clients"], limit),
+                       soak["peak"] <= limit, "%.1f MiB" % soak["peak"]))
+    for version, times in (results.get("startup") or {}).values():
+        limit = HARDENING_TARGETS["startup_ms"]
+        checks.append(("start-up to READY=1 on Python %s <= %.0f ms" % (version, limit),
+                       median(times) * 1000 <= limit, "%.0f ms" % (median(times) * 1000)))
+    return checks
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -982,11 +1181,15 @@ def report(results, rounds, machine):
     out = [machine,
            "other load: %.2f cores busy when the bench was idle (max of %d 1-s samples)%s"
            % (background, len(results["background"]),
-              "; the figures below are disturbed" if background > 0.1 else ""), ""]
+              "; the figures below are disturbed" if background > 0.1 else ""),
+           "load average (1, 5, 15 min) at the start: %s; at the end: %s"
+           % (results["loadavg_start"], results["loadavg_end"]), ""]
     out += transfer_lines(results, rounds) + [""]
-    out += process_lines(results) + latency_lines(results) + ["", "Targets (issue 5)"]
+    out += spread_lines(results, rounds) + [""]
+    out += process_lines(results) + latency_lines(results) + hardening_lines(results)
+    out += ["", "Targets (issues 5 and 16)"]
     out += ["  %-6s %-48s %s" % ("ok" if met else "MISSED", target, measured)
-            for target, met, measured in target_checks(results)]
+            for target, met, measured in target_checks(results) + hardening_checks(results)]
     return "\n".join(out)
 
 
@@ -1024,6 +1227,14 @@ def parse_args(argv):
     parser.add_argument("--gets", type=int, default=30, help="GETs timed (default 30)")
     parser.add_argument("--swaps", type=int, default=5,
                         help="redeploys watched by the prober (default 5)")
+    parser.add_argument("--concurrent-pushes", type=int, default=20,
+                        help="small pushes while %d clients GET (default 20; 0 skips)"
+                        % GET_CLIENTS)
+    parser.add_argument("--starts", type=int, default=7,
+                        help="starts timed to READY=1 on each Python (default 7; 0 skips)")
+    parser.add_argument("--startup-pythons", type=lambda text: text.split(","),
+                        help="interpreters for the start-up time (default: python3.8, "
+                             "3.11 and 3.13 from PATH or ~/.pyenv)")
     parser.add_argument("--edd", default=EDD,
                         help="the edd.py to measure (default: the repo's)")
     parser.add_argument("--python", default=sys.executable,
@@ -1100,7 +1311,7 @@ def bench(args, cleanup):
         getattr(methods, "via_" + name)(small[0])
         expect_page(app_port, small[0].page)
     methods.cold()
-    results = {"transfer": {}, "rss_idle": edd.rss_mib()}
+    results = {"transfer": {}, "rss_idle": edd.rss_mib(), "loadavg_start": load_average()}
     methods.background.append(MachineCpu.background())
 
     progress("small pushes")
@@ -1110,6 +1321,10 @@ def bench(args, cleanup):
     results["metrics_gets"] = measure_get(edd, args.gets, "/metrics")
     progress("redeploy downtime")
     results["gaps"] = measure_downtime(methods, small, args.swaps)
+    if args.concurrent_pushes:
+        progress("peak RSS: %d small pushes while %d clients GET"
+                 % (args.concurrent_pushes, GET_CLIENTS))
+        results["concurrent"] = measure_concurrent_rss(methods, small, args.concurrent_pushes)
     methods.cold()
     results["plain_gaps"] = measure_plain_downtime(methods, small, args.swaps)
     results["stops"] = measure_stop_time(small[0], 5)
@@ -1119,7 +1334,14 @@ def bench(args, cleanup):
         progress("%s: %d rounds of edd, local, ssh" % (size_label(size), args.rounds))
         results["transfer"][size] = measure_transfer(methods, large[size], size_label(size),
                                                      args.rounds, ["edd", "local", "ssh"])
+    if args.starts:
+        pythons = args.startup_pythons or find_pythons()
+        progress("start-up to READY=1: %d starts on %s" % (args.starts, ", ".join(pythons)))
+        results["startup"] = measure_startup(edd, os.path.abspath(args.edd),
+                                             os.path.join(scratch, "startup"), pythons,
+                                             args.starts)
     results["background"] = methods.background
+    results["loadavg_end"] = load_average()
     print(report(results, args.rounds, machine))
     if args.json:
         with open(args.json, "w") as file:
