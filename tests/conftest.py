@@ -33,6 +33,8 @@ Fixture API (keep these names stable; other test files use them):
     container_state(name), container_labels(name), image_id(ref), wait_for(predicate),
     read_response(sock), client_context(pki, cert)
     HTTPD_CMD, PROMPT_STOP_CMD (the default CMD), EXITS_CMD, HEALTHY_CHECK, FAILING_CHECK
+    Prober(port, expected)    a thread that GETs / every 20 ms: .start() .stop() .answered
+                              .failures (each refused, reset, slow or wrong answer)
 
 Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
 """
@@ -798,3 +800,33 @@ def read_all(body, size=7):
         if not count:
             return out
         out += bytes(view[:count])
+
+
+# ---------------------------------------------------------------------------
+# Issue 15 (release command): a prober that sees every failed request
+# ---------------------------------------------------------------------------
+
+class Prober(threading.Thread):
+    """GETs a port every 20 ms until stopped; records every failed probe."""
+
+    def __init__(self, port, expected):
+        super().__init__(daemon=True)
+        self.port, self.expected = port, expected
+        self.answered, self.failures = 0, []
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                text = _http_get(self.port, "/", timeout=5)
+                if text == self.expected:
+                    self.answered += 1
+                else:
+                    self.failures.append("served %r" % text)
+            except Exception as exc:   # refused, reset, timed out: all count as failed
+                self.failures.append(repr(exc))
+            time.sleep(0.02)
+
+    def stop(self):
+        self.halt.set()
+        self.join(10)
