@@ -196,14 +196,14 @@ def test_failed_release_never_stops_the_running_version(edd_factory, make_image,
     prober.stop()
 
     assert reply.status == 502, reply
+    assert prober.failures == [], prober.failures[:5]
+    assert prober.answered >= 10, prober.answered
     assert reply.json["restored"] is True, reply.json
     assert reply.json["release"]["exit_code"] == 3, reply.json
     assert "migration 0042 failed: column exists" in reply.json["release"]["output"]
     assert "exit code 3" in reply.json["error"], reply.json
     assert "never stopped" in reply.json["error"], reply.json
     assert reply.json["deployment"]["image_id"] == v1_id, reply.json
-    assert prober.failures == [], prober.failures[:5]
-    assert prober.answered >= 10, prober.answered
 
     # Not restarted, not renamed, no tag moved, nothing left behind.
     assert container_field(deployment.name, "{{.Id}} {{.State.StartedAt}}") == running
