@@ -12,6 +12,8 @@ the previous container runs exactly as it did before, and the client is told whi
 ("restored": true, as checked with docker afterwards; false, with what is there,
 when docker would not let edd put it back). Each swap is recorded in state_dir,
 so a crash in the middle is completed when edd starts again.
+A deployment's `release_command` (migrations, say) first runs in a one-off
+container from the new image while the old one serves; if it fails, nothing changes.
 
 API (JSON in and out; errors are {"error": "..."}):
     GET        /v1/deployments                     the deployments this client may use
@@ -100,6 +102,10 @@ NAME_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
 PARKED_SUFFIX = ".edd-old"
 LABEL = "edd.deployment"
 SWAP_LABEL = "edd.swap"        # marks the container a swap creates, found even without its ID
+RELEASE_SUFFIX = ".edd-release"  # the one-off container that runs release_command
+RELEASE_LABEL = "edd.release"    # on it, naming the deployment: crash leftovers are found by it
+RELEASE_TAIL_LINES = 100         # lines of the release command's output kept for the client
+RELEASE_LINE_BYTES = 4096        # a longer line is kept in pieces: memory stays bounded
 MUTATING = frozenset(["load", "start", "stop", "restart", "rollback", "delete"])
 
 log = logging.getLogger("edd")
@@ -192,6 +198,8 @@ class Deployment:
     settle_seconds: float = 2.0
     health_timeout_seconds: float = 60.0
     stop_timeout_seconds: int = 10
+    release_command: tuple = ()
+    release_timeout_seconds: float = 300.0
 
     @property
     def container(self):
@@ -200,6 +208,10 @@ class Deployment:
     @property
     def parked_container(self):
         return self.name + PARKED_SUFFIX
+
+    @property
+    def release_container(self):
+        return self.name + RELEASE_SUFFIX
 
     def tag(self, which):
         return "edd/%s:%s" % (self.name, which)
@@ -255,6 +267,8 @@ DEPLOYMENT_KEYS = {
     "settle_seconds": (float, "non-negative"),
     "health_timeout_seconds": (float, "positive"),
     "stop_timeout_seconds": (int, "non-negative"),
+    "release_command": (list, "strings"),
+    "release_timeout_seconds": (float, "positive"),
 }
 # docker run options that would break how edd names, finds and swaps containers.
 FORBIDDEN_ARGS = ("--name", "--rm", "--label", "-l", "--detach", "-d")
@@ -325,7 +339,7 @@ def _parse_deployment(raw, where):
     for arg in fields.get("args", ()):
         if arg.split("=", 1)[0] in FORBIDDEN_ARGS:
             raise ConfigError("%s.args: %r is set by edd itself" % (where, arg))
-    for key in ("args", "command"):
+    for key in ("args", "command", "release_command"):
         if key in fields:
             fields[key] = tuple(fields[key])
     if "clients" in fields:
@@ -719,6 +733,33 @@ class Docker:
             process.kill()
             process.stdout.close()
             process.wait()
+
+    def run_attached(self, args, timeout, tail_lines):
+        """Run docker with `args` in the foreground (`docker run` without -d), keeping only
+        the last `tail_lines` lines of its output; return (exit status, output text).
+
+        The status is None when it ran past `timeout` seconds: the CLI is then killed,
+        but whatever it started in the daemon goes on; the caller must look and clean up.
+        """
+        process = self._popen(args, subprocess.DEVNULL)
+        lines = collections.deque(maxlen=tail_lines)
+
+        def read():
+            for line in iter(lambda: process.stdout.readline(RELEASE_LINE_BYTES), b""):
+                lines.append(line)
+        reader = threading.Thread(target=read, name="docker-run-output", daemon=True)
+        reader.start()
+        try:
+            returncode = process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            reader.join(10)
+            process.stdout.close()
+        return returncode, b"".join(lines).decode("utf-8", "replace")
 
     def start_load(self):
         """Start `docker load` reading stdin; its output (stderr merged) is drained by a thread.
@@ -1534,9 +1575,74 @@ def describe(deployment, container):
     }
 
 
-def _owned(deployment, container):
+def _release_exit_code(returncode, container):
+    """The release command's exit code as docker shows its container (`returncode` is
+    the CLI's, None after a timeout); None when it did not run to an observed end."""
+    state = (container or {}).get("State") or {}
+    if returncode is None or state.get("Running"):
+        return None
+    if state.get("Status") == "exited":
+        return state.get("ExitCode")
+    # Never started (127: no such command) or never created (125): the CLI says why.
+    return returncode or None
+
+
+def _with_release(state, release):
+    if release is not None:
+        state["release"] = release
+    return state
+
+
+def _owned(deployment, container, label=LABEL):
     labels = (container.get("Config") or {}).get("Labels") or {}
-    return labels.get(LABEL) == deployment.name
+    return labels.get(label) == deployment.name
+
+
+# `docker run` options the release's one-off container leaves out of the deployment's
+# args, each with whether it takes a value. Published ports and a fixed address are
+# held by the running container; --restart would restart a command meant to end;
+# a TTY would mangle the output; a network alias would route traffic to the one-off;
+# a --cidfile already written by the running container makes `docker run` refuse;
+# -d (refused in args, but it can hide in a bundle like -dit) would not wait for the end.
+NOT_FOR_RELEASE = {
+    "-p": True, "--publish": True, "-P": False, "--publish-all": False,
+    "--ip": True, "--ip6": True, "--mac-address": True, "--network-alias": True,
+    "--restart": True, "-t": False, "--tty": False, "-i": False, "--interactive": False,
+    "--cidfile": True, "-d": False, "--detach": False,
+}
+RUN_SHORT_FLAGS = "diPqt"      # docker run's one-letter options that take no value
+
+
+def _unbundle(arg):
+    """docker's flag parser lets one-letter options share a dash, and the first one
+    that takes a value takes the rest of the word: -itp8080:80 is -i -t -p 8080:80."""
+    if not arg.startswith("-") or arg.startswith("--") or len(arg) <= 2:
+        return [arg]
+    words = []
+    for index, letter in enumerate(arg[1:], 1):
+        words.append("-" + letter)
+        if letter not in RUN_SHORT_FLAGS:
+            value = arg[index + 1:]
+            return words + ([value[1:] if value.startswith("=") else value] if value else [])
+    return words
+
+
+def release_args(args):
+    """The deployment's `docker run` args for its release container (see NOT_FOR_RELEASE):
+    volumes, env files, networks and user stay, so the command sees what the app sees."""
+    kept, skip_value = [], False
+    for arg in args:
+        words, left = _unbundle(arg), []
+        for word in words:
+            option, equals, _ = word.partition("=")
+            if skip_value:
+                skip_value = False
+            elif option in NOT_FOR_RELEASE:
+                skip_value = NOT_FOR_RELEASE[option] and not equals
+            else:
+                left.append(word)
+        kept += [arg] if left == words else left    # untouched words stay as written
+    return kept
 
 
 def _short(container_id):
@@ -1744,6 +1850,114 @@ class Deployer:
                             % (deployment.name, ", ".join(map(str, missing))),
                             refused="foreign-layers")
 
+    # -- the release command ------------------------------------------------
+
+    def _release(self, deployment, image_id):
+        """Run the deployment's release_command in a one-off container from `image_id`;
+        return {"exit_code": 0, "output": its last lines}, or None if it has none.
+
+        deploy() calls this before it changes anything. A command that fails or runs
+        past release_timeout_seconds raises EddError (502) with its exit code and
+        output; "restored" then says whether docker still shows the deployment's
+        container and current tag exactly as before the command ran.
+        """
+        if not deployment.release_command:
+            return None
+        before = self._release_snapshot(deployment)
+        leftover = self._remove_release_container(deployment)
+        if leftover:
+            raise DockerError(leftover)
+        started = time.monotonic()
+        returncode, output = self.docker.run_attached(
+            ["run", "--name", deployment.release_container,
+             "--label", "%s=%s" % (RELEASE_LABEL, deployment.name),
+             *release_args(deployment.args), image_id, *deployment.release_command],
+            deployment.release_timeout_seconds, RELEASE_TAIL_LINES)
+        # docker's view of the container decides, not the CLI's status: a CLI that
+        # was cut off or lost the daemon leaves the container running.
+        exit_code = _release_exit_code(returncode, self._release_container(deployment))
+        leftover = self._remove_release_container(deployment)
+        release = {"exit_code": exit_code, "output": output}
+        last_line = (output.strip().splitlines() or [""])[-1]
+        log.log(logging.INFO if exit_code == 0 else logging.WARNING,
+                "deployment %s: release command exited %s after %.1f s: %s",
+                deployment.name, exit_code, time.monotonic() - started, last_line)
+        if exit_code == 0:
+            if leftover:
+                log.warning("deployment %s: %s", deployment.name, leftover)
+            return release
+        raise EddError(self._release_failure(deployment, returncode, exit_code, before,
+                                             leftover),
+                       status=502, restored=self._unchanged(deployment, before),
+                       release=release, deployment=self.describe(deployment))
+
+    def _release_failure(self, deployment, returncode, exit_code, before, leftover):
+        """The error message of a failed release: what happened and what it left."""
+        if returncode is None:
+            what = ("the release command did not finish within %g s and was stopped"
+                    % deployment.release_timeout_seconds)
+        elif exit_code is None:
+            what = ("`docker run` of the release command ended (status %d) but docker "
+                    "does not show the command ending; it was stopped" % returncode)
+        else:
+            what = "the release command failed with exit code %d" % exit_code
+        kept = ("the running container never stopped" if before["running"]
+                else "the deployment is as it was")
+        return "%s; nothing was changed, %s%s" % (what, kept, "; " + leftover if leftover
+                                                  else "")
+
+    def _release_snapshot(self, deployment):
+        """What a release must leave as it found it: the deployment's container (id,
+        running, start time) and the image its current tag names."""
+        container = self.docker.container(deployment.container) or {}
+        state = container.get("State") or {}
+        return {"container": container.get("Id"), "running": state.get("Running"),
+                "started_at": state.get("StartedAt"),
+                "current": self.docker.image_id(deployment.tag("current"))}
+
+    def _unchanged(self, deployment, before):
+        try:
+            return self._release_snapshot(deployment) == before
+        except DockerError as exc:
+            log.warning("deployment %s: cannot confirm it is as it was: %s",
+                        deployment.name, exc)
+            return False
+
+    def _release_container(self, deployment):
+        return self.docker.container(deployment.release_container)
+
+    def _remove_release_container(self, deployment):
+        """Remove the deployment's release container if there is one; return what is
+        left when docker could not remove it, or None."""
+        container = self._release_container(deployment)
+        if container is None:
+            return None
+        if not _owned(deployment, container, RELEASE_LABEL):
+            raise Conflict(
+                "container %r exists but edd did not create it (it lacks the label %s=%s); "
+                "remove or rename it by hand" % (deployment.release_container,
+                                                 RELEASE_LABEL, deployment.name))
+        self.docker.run_quietly("rm", "-f", container["Id"])
+        if self.docker.container(container["Id"]) is None:
+            return None
+        return ("the release container %s could not be removed; edd removes it before "
+                "the next release or when it starts" % deployment.release_container)
+
+    def remove_release_leftovers(self, deployments):
+        """Remove the release containers of `deployments` that an edd killed during a
+        release left behind, found by their label; return how many were removed."""
+        names = {deployment.name for deployment in deployments}
+        listing = self.docker.run("ps", "-a", "--filter", "label=" + RELEASE_LABEL, "--format",
+                                  '{{.ID}}\t{{.Label "%s"}}' % RELEASE_LABEL)
+        removed = 0
+        for line in listing.splitlines():
+            container_id, _, name = line.partition("\t")
+            if name in names:
+                log.warning("deployment %s: removing release container %s left by an "
+                            "interrupted release", name, container_id)
+                removed += self.docker.run_quietly("rm", "-f", container_id)
+        return removed
+
     # -- the swap -----------------------------------------------------------
 
     def rollback(self, deployment):
@@ -1779,7 +1993,9 @@ class Deployer:
                 "container %s is left from a swap that edd has no record of; remove it "
                 "(`docker rm -f %s`) or rename it back by hand"
                 % (deployment.parked_container, parked["Id"]))
-        # Nothing has changed so far: a check that may refuse the deploy goes here.
+        # Nothing has changed so far: the release command runs now, while the old
+        # container serves; it raises if it fails, and then nothing changes at all.
+        release = self._release(deployment, image_id)
         record = self._begin(deployment, old, image_id)
         try:
             self._swap(deployment, record)
@@ -1787,9 +2003,11 @@ class Deployer:
             record["phase"] = "committed"
             write_record(self.state_dir, deployment.name, record)
         except Exception as exc:
-            raise self._failed(deployment, record, exc) from None
+            error = self._failed(deployment, record, exc)
+            _with_release(error.extra, release)
+            raise error from None
         self._finish(deployment, record)
-        return describe(deployment, container)
+        return _with_release(describe(deployment, container), release)
 
     def _begin(self, deployment, old, image_id):
         """Record the swap about to start, with everything needed to undo it."""
@@ -2368,6 +2586,7 @@ class App:
                 log.info("deployment %s: not recovering it: %s", deployment.name, exc)
                 continue
             try:
+                self.deployer.remove_release_leftovers([deployment])
                 if self.deployer.recover(deployment):
                     self.metrics.count("edd_recoveries_total", deployment=deployment.name)
             except EddError as exc:
@@ -2793,6 +3012,20 @@ class _HeadLines:
 HEADER_LINE_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r?\n\Z")
 
 
+def deploy_outcome(status, result):
+    """How a load or rollback ended, from its status and answer, for audit and metrics."""
+    release = result.get("release") or {}
+    if status < 300:
+        return "deployed"
+    if release and release.get("exit_code") != 0:
+        return "release_failed"     # before anything changed
+    if result.get("restored"):
+        return "restored"
+    if result.get("restored") is False:
+        return "restore_failed"
+    return "refused" if status < 500 else "failed"
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Parses requests and writes responses; route functions do the rest."""
     protocol_version = "HTTP/1.1"
@@ -2974,6 +3207,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         identity = None
         if deployment is not None and not self.client.refused:
             identity = granting_identity(self.app.config, self.client, deployment)
+        outcome = deploy_outcome(status, result) if action in ("load", "rollback") else None
         log.info("audit %s", format_fields(
             id=request.id, time=datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
@@ -2982,16 +3216,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             image_id=request.audit.get("image_id"),
             refused=request.audit.get("refused") or ("not-allowed" if request.refused else None),
             running=running, bytes=received,
-            restored=result.get("restored"), duration_ms=int(seconds * 1000)))
+            restored=result.get("restored"), outcome=outcome,
+            duration_ms=int(seconds * 1000)))
         if name not in self.app.config.deployments:
             return
         if received:
             metrics.count("edd_upload_bytes_total", received, deployment=name)
-        if action in ("load", "rollback"):
-            restored = result.get("restored")
-            outcome = ("deployed" if status < 300 else "restored" if restored
-                       else "restore_failed" if restored is False
-                       else "refused" if status < 500 else "failed")
+        if outcome:
             metrics.count("edd_deploys_total", deployment=name, action=action,
                           outcome=outcome)
             if outcome == "restored":

@@ -56,6 +56,8 @@ Fixture API (keep these names stable; other test files use them):
                               documents the rules); .calls(action=None) lists what ran.
     Every edd of a test shares state_dir <tmp_path>/state (swap records and locks)
                               unless the config given to start() names another.
+    Prober(port, expected)    a thread that GETs / every 20 ms: .start() .stop() .answered
+                              .failures (each refused, reset, slow or wrong answer)
 
 Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
 """
@@ -1105,3 +1107,33 @@ class FaultyDocker:
 @pytest.fixture
 def faulty_docker(tmp_path):
     return FaultyDocker(tmp_path / "faulty-docker")
+
+
+# ---------------------------------------------------------------------------
+# Issue 15 (release command): a prober that sees every failed request
+# ---------------------------------------------------------------------------
+
+class Prober(threading.Thread):
+    """GETs a port every 20 ms until stopped; records every failed probe."""
+
+    def __init__(self, port, expected):
+        super().__init__(daemon=True)
+        self.port, self.expected = port, expected
+        self.answered, self.failures = 0, []
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            try:
+                text = _http_get(self.port, "/", timeout=5)
+                if text == self.expected:
+                    self.answered += 1
+                else:
+                    self.failures.append("served %r" % text)
+            except Exception as exc:   # refused, reset, timed out: all count as failed
+                self.failures.append(repr(exc))
+            time.sleep(0.02)
+
+    def stop(self):
+        self.halt.set()
+        self.join(10)
