@@ -1946,15 +1946,15 @@ class Deployer:
     def remove_release_leftovers(self, deployments):
         """Remove the release containers of `deployments` that an edd killed during a
         release left behind, found by their label; return how many were removed."""
-        names = {deployment.name for deployment in deployments}
-        listing = self.docker.run("ps", "-a", "--filter", "label=" + RELEASE_LABEL, "--format",
-                                  '{{.ID}}\t{{.Label "%s"}}' % RELEASE_LABEL)
         removed = 0
-        for line in listing.splitlines():
-            container_id, _, name = line.partition("\t")
-            if name in names:
+        for deployment in deployments:
+            # By label value, not a --format of it: docker's and podman's ps
+            # templates spell a label's value differently.
+            listing = self.docker.run("ps", "-a", "-q", "--no-trunc", "--filter", "label=%s=%s"
+                                      % (RELEASE_LABEL, deployment.name))
+            for container_id in listing.split():
                 log.warning("deployment %s: removing release container %s left by an "
-                            "interrupted release", name, container_id)
+                            "interrupted release", deployment.name, container_id)
                 removed += self.docker.run_quietly("rm", "-f", container_id)
         return removed
 

@@ -53,8 +53,11 @@ for thread in threads:
     thread.join()
 """
 
-# After a 1 MiB block is freed, is a 512 KiB one still mmap'd (mallinfo's hblks
-# counts the mmap'd blocks)? glibc's dynamic threshold would put it in an arena.
+# After a large block is freed, is a smaller one that is still far above 128 KiB
+# mmap'd (mallinfo's hblks counts the mmap'd blocks)? glibc's dynamic threshold
+# would put it in an arena. The smaller block is made larger than all the free
+# space in the heap (importing edd leaves megabytes), which malloc would reuse
+# before it thinks of mmap at all; the large one is twice that.
 MMAP_PROBE = r"""
 import ctypes, sys
 sys.path.insert(0, sys.argv[1])
@@ -68,10 +71,11 @@ libc = ctypes.CDLL(None)
 libc.mallinfo.restype = MallInfo
 if sys.argv[2] == "tune":
     edd.tune_malloc()
-upload_buffer = bytearray(1 << 20)
+size = max(1 << 20, libc.mallinfo().fordblks + (1 << 20))
+upload_buffer = bytearray(2 * size)
 del upload_buffer
 before = libc.mallinfo().hblks
-held = bytearray(512 << 10)
+held = bytearray(size)
 print(libc.mallinfo().hblks - before)
 """
 
