@@ -34,11 +34,14 @@ import bisect
 import dataclasses
 import datetime
 import fcntl
+import hashlib
 import http.client
 import http.server
+import itertools
 import json
 import logging
 import os
+import posixpath
 import re
 import secrets
 import select
@@ -52,6 +55,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import zlib
 
 __version__ = "0.1.0"
 
@@ -500,6 +504,513 @@ def thin_layouts(docker):
             layouts = ("legacy", "oci")
         _thin_layouts_cache[docker.command] = layouts
     return _thin_layouts_cache[docker.command]
+
+
+# ---------------------------------------------------------------------------
+# Archives: reading and filtering docker save / OCI tar streams
+# ---------------------------------------------------------------------------
+#
+# `docker save` writes a tar: layer tars, image configs, and the small metadata
+# files that name the images (manifest.json, repositories, and for the OCI
+# layout index.json). `docker load` applies those names to the host and takes
+# any layer it already has from the host instead of from the archive. So edd
+# reads the archive on its way to `docker load`, with a tar header walker of
+# its own that passes member bytes through untouched: it records every member
+# and the sha256 of its bytes, holds the metadata files back, and writes them
+# at the end with every image name removed. The same filter, given a `drop`
+# set, leaves chosen members out, which is what a client that skips layers the
+# host already has needs. The walker reads headers the way Go's archive/tar
+# (which `docker load` uses) does, and refuses what it cannot read the same way.
+
+TAR_BLOCK = 512
+METADATA_FILES = ("manifest.json", "repositories", "index.json")
+MAX_METADATA_BYTES = 4 << 20        # docker's own are a few KiB
+MAX_SPECIAL_BYTES = 1 << 20         # a pax or GNU long-name header; Go's limit too
+MAX_MEMBERS = 1 << 17
+OUTPUT_MERGE = 1 << 16              # smaller pieces are joined before they are written
+# Annotations that name an image in index.json (containerd and OCI).
+NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
+GZIP_MAGIC = b"\x1f\x8b"
+REGULAR_TYPES = (b"0", b"\0", b"7")
+LINK_TYPES = (b"1", b"2")           # hard link, symbolic link
+HEADER_ONLY_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")   # no data, whatever size says
+
+
+@dataclasses.dataclass
+class Member:
+    """One member of an archive: `offset` is where its data starts in the tar stream;
+    `sha256` is "sha256:…" of its bytes, and `digests` holds that and, for bytes
+    that are gzip, the digest of them gunzipped (regular files that passed only)."""
+    name: str
+    type: bytes
+    size: int
+    offset: int
+    linkname: str = ""
+    sha256: str = None
+    digests: frozenset = frozenset()
+
+
+@dataclasses.dataclass
+class Archive:
+    """What the filter saw: every member by (normalized) name, and the metadata files
+    as the archive had them (before any name was removed)."""
+    members: dict = dataclasses.field(default_factory=dict)
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def digests(self):
+        """Every "sha256:…" that some member's bytes hash to."""
+        return frozenset(d for member in self.members.values() for d in member.digests)
+
+
+def member_name(raw):
+    """A tar member name as `docker load` will write it: cleaned, relative to the root."""
+    # Go's filepath.Clean, then joined below the root: "/a" lands at "a", and
+    # "../a" stays outside (docker refuses it, and so does the filter).
+    return posixpath.normpath(raw or ".").lstrip("/") or "."
+
+
+def _tar_number(field):
+    if field[:1] and field[0] & 0x80:               # GNU base-256
+        if field[0] == 0xff:
+            raise BadRequest("the archive has a tar header with a negative number")
+        return int.from_bytes(bytes([field[0] & 0x7f]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip(b" ")
+    if not re.match(rb"[0-7]*\Z", text):
+        raise BadRequest("the archive has a tar header with a malformed number")
+    return int(text or b"0", 8)
+
+
+def _tar_string(field):
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _checksum_ok(block):
+    try:
+        stored = _tar_number(block[148:156])
+    except BadRequest:
+        return False
+    rest = block[:148] + b" " * 8 + block[156:]
+    return stored in (sum(rest), sum(b - 256 if b > 127 else b for b in rest))
+
+
+def _parse_pax(data):
+    """The records of a pax extended header ("LEN key=value\\n" each)."""
+    records = {}
+    while data:
+        length, _, rest = data.partition(b" ")
+        if not length.isdigit() or int(length) > len(data) or int(length) < len(length) + 3:
+            raise BadRequest("the archive has a malformed pax header")
+        record, data = data[:int(length)], data[int(length):]
+        key, sep, value = record[len(length) + 1:-1].partition(b"=")
+        if not sep or record[-1:] != b"\n":
+            raise BadRequest("the archive has a malformed pax header")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8",
+                                                                       "surrogateescape")
+    return records
+
+
+def tar_member(name, data):
+    """A regular file member (ustar header, data, padding) holding `data`."""
+    header = bytearray(TAR_BLOCK)
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError("name too long for a ustar header: %r" % name)
+    header[0:len(encoded)] = encoded
+    header[100:108] = b"0000644\0"
+    header[108:116] = header[116:124] = b"0000000\0"
+    header[124:136] = b"%011o\0" % len(data)
+    header[136:148] = b"%011o\0" % 0
+    header[156:157] = b"0"
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header) + data + b"\0" * (-len(data) % TAR_BLOCK)
+
+
+def _json(archive, name):
+    try:
+        return json.loads(archive.metadata[name].decode("utf-8"))
+    except ValueError:
+        raise BadRequest("the archive's %s is not valid JSON" % name) from None
+
+
+def strip_names(name, raw):
+    """The metadata file `name` rewritten with every image name removed (and the
+    Parent links of manifest.json, which would tie loaded images to others)."""
+    value = json.loads(raw.decode("utf-8"))
+    if name == "manifest.json":
+        for entry in value if isinstance(value, list) else ():
+            if isinstance(entry, dict):
+                entry.pop("RepoTags", None)
+                entry.pop("Parent", None)
+    elif name == "repositories":
+        value = {}
+    elif name == "index.json" and isinstance(value, dict):
+        for descriptor in [value] + list(value.get("manifests") or []):
+            annotations = descriptor.get("annotations") if isinstance(descriptor, dict) else None
+            if isinstance(annotations, dict):
+                for key in NAME_ANNOTATIONS:
+                    annotations.pop(key, None)
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+class _Digest:
+    """sha256 of a member's bytes, and of them gunzipped when they start as gzip does
+    (containerd's archives keep layers compressed; docker's diff IDs are of the tar)."""
+
+    def __init__(self):
+        self.raw = hashlib.sha256()
+        self.gunzipped = None
+        self.first = bytearray()        # the first bytes, until there are two to look at
+
+    def update(self, piece):
+        self.raw.update(piece)
+        if self.first is not None:
+            self.first += piece
+            if len(self.first) < 2:
+                return
+            piece, self.first = self.first, None
+            if piece[:2] == GZIP_MAGIC:
+                self.gunzipped = (hashlib.sha256(), zlib.decompressobj(16 + zlib.MAX_WBITS))
+        if self.gunzipped:
+            try:
+                self.gunzipped[0].update(self.gunzipped[1].decompress(piece))
+            except zlib.error:
+                self.gunzipped = None
+
+    def finish(self, member):
+        member.sha256 = "sha256:" + self.raw.hexdigest()
+        found = {member.sha256}
+        if self.gunzipped and self.gunzipped[1].eof:
+            found.add("sha256:" + self.gunzipped[0].hexdigest())
+        member.digests = frozenset(found)
+
+
+class ArchiveFilter:
+    """A streaming filter of one tar archive (docker save, legacy or OCI layout).
+
+    feed(data) takes the next bytes of the archive and returns the pieces to pass
+    on (memoryviews into `data`, or bytes); close() returns the last pieces: the
+    held metadata files, rewritten without image names if `strip` is set, and
+    the end-of-archive marker. Members named in `drop` are left out. As it goes
+    it fills `archive` (an Archive): members, their digests, the metadata files
+    as sent. Anything it cannot read as Go's archive/tar would raises BadRequest.
+    """
+
+    def __init__(self, archive, drop=frozenset(), strip=True):
+        self.archive = archive
+        self.drop = frozenset(drop)
+        self.strip = strip
+        self.offset = 0                 # bytes of the archive read so far
+        self._block = bytearray()       # a header block being assembled
+        self._held = bytearray()        # pax / GNU long-name headers of the next member
+        self._extended = {}             # their meaning: path, linkpath, size
+        self._left = 0                  # data bytes of the current member still to come
+        self._pad = 0                   # and padding after them
+        self._mode = None               # "pass", "drop", "capture" or "extended"
+        self._member = None
+        self._data = None               # captured bytes (metadata, extended headers)
+        self._digest = None
+        self._symlinks = set()
+        self._ended = False
+        self._started = False
+
+    def feed(self, data):
+        view = memoryview(data).cast("B")
+        out = []
+        pos = 0
+        while pos < len(view) and not self._ended:
+            self._started = True
+            if self._left or self._pad:
+                count = min(self._left + self._pad, len(view) - pos)
+                self._take(view[pos:pos + count], out)
+            else:
+                count = min(TAR_BLOCK - len(self._block), len(view) - pos)
+                self._block += view[pos:pos + count]
+                if len(self._block) == TAR_BLOCK:
+                    self._header(bytes(self._block), out)
+                    self._block.clear()
+            pos += count
+            self.offset += count
+        # Bytes after the end-of-archive marker are not passed on: docker's
+        # reader would stop there too, or fail.
+        return _merge(out)
+
+    def close(self):
+        """The pieces that end the archive; BadRequest if it was cut short."""
+        if not self._started:
+            raise BadRequest("the upload is empty; send the output of `docker save`")
+        if self._block or self._left or self._pad or self._held:
+            raise BadRequest("the archive is cut short")
+        out = []
+        for name, raw in self.archive.metadata.items():
+            try:
+                text = strip_names(name, raw) if self.strip else raw
+            except ValueError:
+                raise BadRequest("the archive's %s is not valid JSON" % name) from None
+            out.append(tar_member(name, text))
+        out.append(b"\0" * (2 * TAR_BLOCK))
+        return out
+
+    def _take(self, piece, out):
+        data = piece[:self._left]
+        if self._mode in ("capture", "extended"):
+            self._data += data
+        elif self._digest:
+            self._digest.update(data)
+        if self._mode == "pass":
+            out.append(piece)
+        elif self._mode == "extended":
+            self._held += piece
+        self._pad -= len(piece) - len(data)
+        self._left -= len(data)
+        if not self._left and not self._pad:
+            self._end_member()
+
+    def _end_member(self):
+        member, data = self._member, self._data
+        if self._mode == "extended":
+            self._extended = self._extended_meaning(member.type, bytes(data))
+        elif self._mode == "capture":
+            self.archive.metadata[member.name] = bytes(data)
+            member.sha256 = "sha256:" + hashlib.sha256(data).hexdigest()
+        elif self._digest:
+            self._digest.finish(member)
+        self._mode = self._member = self._data = self._digest = None
+
+    def _extended_meaning(self, kind, data):
+        """The extended headers so far, with this one's meaning: as in Go, a later
+        header of a kind replaces an earlier one, and a GNU long name beats a pax path."""
+        meaning = dict(self._extended)
+        if kind in (b"L", b"K"):
+            meaning["gnu " + ("path" if kind == b"L" else "linkpath")] = _tar_string(data)
+            return meaning
+        records = _parse_pax(data)
+        if any(key.startswith("GNU.sparse.") for key in records):
+            raise BadRequest("the archive holds a sparse file; docker save writes none")
+        if any("\0" in records.get(key, "") for key in ("path", "linkpath")):
+            raise BadRequest("the archive has a pax path with a NUL in it")
+        meaning = {k: v for k, v in meaning.items() if k.startswith("gnu ")}
+        meaning.update(("pax " + key, records[key]) for key in ("path", "linkpath", "size")
+                       if key in records)
+        return meaning
+
+    def _header(self, block, out):
+        if block == bytes(TAR_BLOCK):
+            if self._held:
+                raise BadRequest("the archive ends inside a member's extended header")
+            self._ended = True
+            return
+        if not _checksum_ok(block):
+            raise BadRequest("not a tar archive (a bad header at byte %d); send the output "
+                             "of `docker save`, plain or gzip'd" % self.offset)
+        kind = block[156:157]
+        size = _tar_number(block[124:136])
+        if kind in (b"x", b"L", b"K"):
+            if size > MAX_SPECIAL_BYTES:
+                raise BadRequest("the archive has an extended tar header over 1 MiB")
+            self._held += block
+            self._start(Member("", kind, size, self.offset + TAR_BLOCK), "extended", size)
+            return
+        if kind == b"S":
+            raise BadRequest("the archive holds a sparse file; docker save writes none")
+        if kind == b"g":
+            if self._held:
+                raise BadRequest("the archive has a global pax header inside a member")
+            out.append(block)
+            self._start(Member("", kind, size, self.offset + TAR_BLOCK), "pass", size)
+            return
+        member = self._member_from(block, kind, size)
+        mode = self._mode_for(member)
+        if mode == "pass":
+            out.append(bytes(self._held) + block)
+        self._held.clear()
+        self._extended = {}
+        self._start(member, mode, 0 if member.type in HEADER_ONLY_TYPES else member.size)
+
+    def _member_from(self, block, kind, size):
+        name = _tar_string(block[0:100])
+        if block[257:263] == b"ustar\0":
+            # POSIX ustar keeps a name prefix; star's is shorter, GNU has none.
+            prefix = block[345:476] if block[508:512] == b"tar\0" else block[345:500]
+            if _tar_string(prefix):
+                name = _tar_string(prefix) + "/" + name
+        extended = self._extended
+        name = extended.get("gnu path", extended.get("pax path", name))
+        linkname = extended.get("gnu linkpath", extended.get("pax linkpath",
+                                                             _tar_string(block[157:257])))
+        if "pax size" in extended:
+            if not extended["pax size"].isdigit():
+                raise BadRequest("the archive has a malformed pax size")
+            size = int(extended["pax size"])
+        if kind == b"\0" and name.endswith("/"):
+            kind = b"5"
+        return Member(member_name(name), kind, size, self.offset + TAR_BLOCK, linkname)
+
+    def _mode_for(self, member):
+        """How the filter treats a member, once its name is checked."""
+        name = member.name
+        if name == ".." or name.startswith("../"):
+            raise BadRequest("the archive has a member outside its root: %r" % name)
+        parents = name.split("/")[:-1]
+        if any("/".join(parents[:i + 1]) in self._symlinks for i in range(len(parents))):
+            raise BadRequest("the archive writes %r through a symbolic link" % name)
+        if member.type == b"2":
+            self._symlinks.add(name)
+        if len(self.archive.members) >= MAX_MEMBERS and name not in self.archive.members:
+            raise BadRequest("the archive has more than %d members" % MAX_MEMBERS)
+        self.archive.members[name] = member
+        if name in METADATA_FILES:
+            if member.type not in REGULAR_TYPES or name in self.archive.metadata:
+                raise BadRequest("the archive's %s must be one regular file" % name)
+            if member.size > MAX_METADATA_BYTES:
+                raise BadRequest("the archive's %s is larger than %d MiB"
+                                 % (name, MAX_METADATA_BYTES >> 20))
+            self.archive.metadata[name] = b""
+            return "capture"
+        return "drop" if name in self.drop else "pass"
+
+    def _start(self, member, mode, size):
+        self._member, self._mode = member, mode
+        self._left, self._pad = size, -size % TAR_BLOCK
+        if mode in ("capture", "extended"):
+            self._data = bytearray()
+        elif mode == "pass" and member.type in REGULAR_TYPES:
+            self._digest = _Digest()
+        if not size:
+            self._end_member()
+
+
+def _merge(pieces):
+    """Join runs of small pieces, so that small members cost few writes."""
+    merged, small = [], []
+    for piece in pieces:
+        if len(piece) >= OUTPUT_MERGE:
+            if small:
+                merged.append(b"".join(small))
+                small = []
+            merged.append(piece)
+        else:
+            small.append(piece)
+    if small:
+        merged.append(b"".join(small))
+    return merged
+
+
+def filter_archive(chunks, archive, drop=frozenset(), strip=True):
+    """Yield the tar stream `chunks` through an ArchiveFilter (see there) to the end."""
+    tar = ArchiveFilter(archive, drop, strip)
+    for chunk in chunks:
+        yield from tar.feed(chunk)
+    yield from tar.close()
+
+
+def gunzip_chunks(chunks):
+    """Yield `chunks` decompressed if they are gzip (one or more members), else as they are."""
+    chunks = iter(chunks)
+    first = b""
+    for chunk in chunks:
+        first += bytes(chunk)
+        if len(first) >= 2:
+            break
+    if first[:2] != GZIP_MAGIC:
+        if first:
+            yield first
+        yield from chunks
+        return
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    for chunk in itertools.chain([first], chunks):
+        while chunk:
+            try:
+                out = inflater.decompress(chunk, BUFFER_SIZE)
+            except zlib.error as exc:
+                raise BadRequest("the gzip'd upload is corrupt: %s" % exc) from None
+            if out:
+                yield out
+            if inflater.eof:                # a next gzip member may follow
+                chunk = inflater.unused_data
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if chunk else inflater
+            else:
+                chunk = inflater.unconsumed_tail
+    if not inflater.eof:
+        raise BadRequest("the gzip'd upload is cut short")
+
+
+def read_manifest(archive):
+    """manifest.json's entries, checked: [{"Config": str, "Layers": [str], "RepoTags": [str]}]."""
+    if "manifest.json" not in archive.metadata:
+        raise BadRequest("the archive has no manifest.json; send the output of `docker save`")
+    entries = _json(archive, "manifest.json")
+    if not isinstance(entries, list) or not entries:
+        raise BadRequest("the archive's manifest.json lists no image")
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("Config"), str) and
+                _strings(entry.get("Layers")) and _strings(entry.get("RepoTags") or [])):
+            raise BadRequest("the archive's manifest.json has a malformed entry")
+    return entries
+
+
+def _strings(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def archive_names(archive):
+    """Every image name the archive carries: RepoTags, repositories, index.json's names."""
+    names = []
+    if "manifest.json" in archive.metadata:
+        names += [tag for entry in read_manifest(archive) for tag in entry.get("RepoTags") or []]
+    if "repositories" in archive.metadata:
+        repositories = _json(archive, "repositories")
+        for repo, tags in (repositories.items() if isinstance(repositories, dict) else ()):
+            names += ["%s:%s" % (repo, tag) for tag in (tags if isinstance(tags, dict) else ())]
+    if "index.json" in archive.metadata:
+        index = _json(archive, "index.json")
+        for descriptor in (index.get("manifests") or []) if isinstance(index, dict) else ():
+            annotations = descriptor.get("annotations") if isinstance(descriptor, dict) else None
+            if isinstance(annotations, dict) and \
+                    isinstance(annotations.get(NAME_ANNOTATIONS[0]), str):
+                names.append(annotations[NAME_ANNOTATIONS[0]])
+    return list(dict.fromkeys(names))
+
+
+def resolve_member(archive, name):
+    """The regular member that `name` leads to through links, or None."""
+    name = member_name(name)
+    for _ in range(16):
+        member = archive.members.get(name)
+        if member is None or member.type not in LINK_TYPES:
+            return member
+        base = posixpath.dirname(name) if member.type == b"2" else ""
+        name = member_name(posixpath.join(base, member.linkname))
+    return None
+
+
+def config_id(archive, entry):
+    """The image ID ("sha256:…") of a manifest entry: the digest of its config."""
+    member = resolve_member(archive, entry["Config"])
+    if member is None or member.sha256 is None:
+        raise BadRequest("the archive lacks the config %s" % entry["Config"])
+    return member.sha256
+
+
+def read_member(file, member):
+    """The data of `member` of the archive spooled in `file` (a seekable binary file)."""
+    file.seek(member.offset)
+    return file.read(member.size)
+
+
+def layer_diff_ids(entry, config):
+    """[(Layers[i], diff_ids[i])] of a manifest entry, given its config's bytes: the one
+    mapping from archive paths to layers (file names prove nothing: containerd names
+    layer blobs by their compressed digest)."""
+    try:
+        diff_ids = json.loads(config.decode("utf-8"))["rootfs"]["diff_ids"]
+    except (ValueError, KeyError, TypeError):
+        raise BadRequest("the image config %s has no rootfs.diff_ids" % entry["Config"]) from None
+    if not _strings(diff_ids) or len(diff_ids) != len(entry["Layers"]):
+        raise BadRequest("the image config %s does not match its manifest entry"
+                         % entry["Config"])
+    return list(zip(entry["Layers"], diff_ids))
 
 
 # ---------------------------------------------------------------------------
