@@ -50,7 +50,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -2270,8 +2269,8 @@ def parse_target(url):
     parts = urllib.parse.urlsplit(url)
     match = re.match(r"/v1/(?:deployments/)?([a-z0-9._-]+)/?\Z", parts.path)
     try:
-        port = parts.port or DEFAULT_PORT
-    except ValueError:
+        port = DEFAULT_PORT if parts.port is None else parts.port
+    except ValueError:      # not a number, or over 65535
         port = None
     if parts.scheme != "https" or not parts.hostname or not match or not port \
             or parts.query or parts.fragment:
@@ -2437,6 +2436,8 @@ class Host:
                 meter.phase("sending", meter.total)
                 try:
                     for chunk in chunks:
+                        if not len(chunk):
+                            continue        # an empty chunk would end the body
                         sock.sendall(b"%x\r\n" % len(chunk))
                         sock.sendall(chunk)
                         sock.sendall(b"\r\n")
@@ -2518,15 +2519,14 @@ def saved_chunks(docker, ref):
 
 
 def spool(docker, ref, meter):
-    """`docker save ref` in an anonymous temporary file (the system's temp folder; it
-    takes the image's size on disk and disappears when closed). Return the file."""
+    """`docker save ref` in an anonymous temporary file (the system's temp folder: it
+    needs the image's size free there, and is gone once closed), read on the way by
+    the archive filter. Return (the file, its Archive)."""
     spooled = tempfile.TemporaryFile(prefix="edd-push-")
     meter.phase("saving %s to %s" % (ref, tempfile.gettempdir()))
     try:
-        for chunk in saved_chunks(docker, ref):
-            spooled.write(chunk)
-        spooled.seek(0)
-        return spooled
+        archive = index_archive(saved_chunks(docker, ref), spooled.write)
+        return spooled, archive
     except OSError as exc:
         spooled.close()
         raise PushError("cannot spool `docker save %s` in %s: %s"
@@ -2534,6 +2534,19 @@ def spool(docker, ref, meter):
     except BaseException:
         spooled.close()
         raise
+
+
+def index_archive(chunks, sink=None):
+    """The Archive (members, metadata files) of the tar stream `chunks`, as the
+    archive filter reads it; every chunk is also handed to sink(), if given."""
+    archive = Archive()
+    reader = ArchiveFilter(archive, strip=False)
+    for chunk in chunks:
+        if sink:
+            sink(chunk)
+        reader.feed(chunk)
+    reader.close()
+    return archive
 
 
 def file_chunks(file):
@@ -2547,67 +2560,28 @@ def file_chunks(file):
         yield buffer[:count]
 
 
-def thin_plan(spooled, image, have, layouts):
-    """The archive members a thin upload leaves out (a set, possibly empty), or the
-    reason it cannot be thin: the engine does not take this layout, or the
+def thin_plan(file, archive, image, have, layouts):
+    """The archive members a thin upload leaves out (a set), or the reason it cannot
+    be thin: the host's engine does not load this layout without layers, or the
     archive's layers are not the ones the host was asked about."""
-    archive = read_saved_archive(spooled)
-    if archive.layout not in layouts:
+    layout = "oci" if "oci-layout" in archive.members else "legacy"
+    if layout not in layouts:
         return "the host's engine loads only %s archives without layers, this is %s" % (
-            " or ".join(layouts) or "no", archive.layout)
-    if tuple(archive.diff_ids[:have]) != tuple(image.layers[:have]):
+            " or ".join(layouts) or "no", layout)
+    entries = read_manifest(archive)
+    config = resolve_member(archive, entries[0]["Config"])
+    if len(entries) != 1 or config is None:
+        return "the saved archive is not one image"
+    layers = layer_diff_ids(entries[0], read_member(file, config))
+    if tuple(diff_id for _, diff_id in layers[:have]) != image.layers[:have]:
         return "the saved archive's layers differ from `docker image inspect`"
-    kept = set(archive.members[have:])
-    return set(archive.members[:have]) - kept
 
-
-# -- PROVISIONAL archive reading (issue 12): to be replaced by issue 9's archive
-# -- functions once branch i9 has them; the client must not keep its own. --------
-
-@dataclasses.dataclass(frozen=True)
-class SavedArchive:
-    layout: str          # "oci" (has an oci-layout file) or "legacy"
-    members: tuple       # manifest.json's Layers: the archive member of each layer
-    diff_ids: tuple      # the config's rootfs.diff_ids, in the same order
-
-
-def read_saved_archive(file):
-    """What a one-image `docker save` archive in the seekable `file` holds. Layers[i]
-    of manifest.json is the member of diff_ids[i] of its config, in every layout:
-    file names are never read as diff IDs (the containerd store names blobs by
-    their compressed digest)."""
-    file.seek(0)
-    with tarfile.open(fileobj=file, mode="r:") as tar:
-        names = set(tar.getnames())
-        manifest = json.load(tar.extractfile("manifest.json"))
-        if len(manifest) != 1:
-            raise PushError("the saved archive holds %d images, expected 1" % len(manifest))
-        config = json.load(tar.extractfile(manifest[0]["Config"]))
-    members = tuple(manifest[0]["Layers"])
-    diff_ids = tuple(config["rootfs"]["diff_ids"])
-    if len(members) != len(diff_ids):
-        raise PushError("the saved archive's manifest and config disagree on its layers")
-    return SavedArchive("oci" if "oci-layout" in names else "legacy", members, diff_ids)
-
-
-def filtered_archive(file, leave_out):
-    """The tar archive in `file`, without the members named in `leave_out`."""
-    file.seek(0)
-    with tarfile.open(fileobj=file, mode="r:") as tar:
-        spans = [(m.offset, m.offset_data + -(-m.size // 512) * 512) for m in tar
-                 if m.name not in leave_out]
-    buffer = memoryview(bytearray(BUFFER_SIZE))
-    for start, end in spans + [(None, None)]:
-        if start is None:
-            yield memoryview(bytes(1024))
-            return
-        file.seek(start)
-        while start < end:
-            count = file.readinto(buffer[:min(BUFFER_SIZE, end - start)])
-            if not count:
-                raise PushError("the saved archive ends early")
-            start += count
-            yield buffer[:count]
+    def members(paths):
+        # A layer may be a link to another's file (legacy layout, a repeated layer):
+        # leave out neither the link nor its target while a kept layer needs them.
+        found = {member_name(path) for path in paths}
+        return found | {m.name for m in map(lambda p: resolve_member(archive, p), paths) if m}
+    return members([p for p, _ in layers[:have]]) - members([p for p, _ in layers[have:]])
 
 
 # -- the push ------------------------------------------------------------------
@@ -2642,12 +2616,14 @@ def push(options, docker, meter):
     if not have:
         return _upload(host, saved_chunks(docker, image.ref), meter, count, 0,
                        total=image.size)
-    with spool(docker, image.ref, meter) as spooled:
+    spooled, archive = spool(docker, image.ref, meter)
+    with spooled:
         size = os.fstat(spooled.fileno()).st_size
-        plan = thin_plan(spooled, image, have, answer.get("thin_layouts", ()))
+        plan = thin_plan(spooled, archive, image, have, answer.get("thin_layouts", ()))
         if isinstance(plan, str):
             return _upload(host, file_chunks(spooled), meter, count, 0, plan, size)
-        outcome = _upload(host, filtered_archive(spooled, plan), meter, count - have, have)
+        thin = filter_archive(file_chunks(spooled), Archive(), plan, strip=False)
+        outcome = _upload(host, thin, meter, count - have, have)
         if layer_gone(outcome.status, outcome.answer):
             reason = "the thin upload failed: %s" % outcome.answer.get("error")
             return _upload(host, file_chunks(spooled), meter, count, 0, reason, size)

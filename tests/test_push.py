@@ -414,39 +414,60 @@ def hand_built_archive(layout):
     return out.getvalue(), diff_ids, names
 
 
-@pytest.mark.parametrize("layout", ["legacy", "oci", "containerd"])
-def test_archive_layers_map_by_manifest_not_file_name(layout):
-    raw, diff_ids, names = hand_built_archive(layout)
-    archive = edd.read_saved_archive(io.BytesIO(raw))
-    assert archive.diff_ids == tuple(diff_ids)
-    assert archive.members == tuple(names)
-    assert archive.layout == ("legacy" if layout == "legacy" else "oci")
+def thin_archive(raw, have, diff_ids, layouts=("legacy", "oci")):
+    """What the client sends of the archive `raw` when the host has `have` layers:
+    (the members left out, the archive it sends) or (the reason, None)."""
+    source = io.BytesIO(raw)
+    archive = edd.index_archive(edd.file_chunks(source))
+    image = edd.LocalImage("x:1", "sha256:" + "0" * 64, tuple(diff_ids), 0)
+    plan = edd.thin_plan(source, archive, image, have, layouts)
+    if isinstance(plan, str):
+        return plan, None
+    return plan, b"".join(bytes(c) for c in edd.filter_archive(
+        edd.file_chunks(source), edd.Archive(), plan, strip=False))
 
 
 @pytest.mark.parametrize("layout", ["legacy", "oci", "containerd"])
 def test_filter_leaves_out_the_base_layer_and_keeps_the_rest(layout):
     raw, diff_ids, names = hand_built_archive(layout)
-    image = edd.LocalImage("x:1", "sha256:" + "0" * 64, tuple(diff_ids), 0)
-    source = io.BytesIO(raw)
-    plan = edd.thin_plan(source, image, 1, ("legacy", "oci"))
+    plan, thin = thin_archive(raw, 1, diff_ids)
     assert plan == {names[0]}
-    thin = b"".join(bytes(chunk) for chunk in edd.filtered_archive(source, plan))
     with tarfile.open(fileobj=io.BytesIO(raw)) as whole, \
             tarfile.open(fileobj=io.BytesIO(thin)) as kept:
         assert kept.getnames() == [n for n in whole.getnames() if n != names[0]]
         for name in kept.getnames():
             assert kept.extractfile(name).read() == whole.extractfile(name).read()
-    assert len(thin) < len(raw) - len(whole_member(raw, names[0]))
+        left_out = whole.getmember(names[0]).size
+    assert len(thin) <= len(raw) - left_out
+    assert thin_archive(raw, 0, diff_ids)[0] == set()
+    assert thin_archive(raw, 2, diff_ids)[0] == set(names)
 
 
-def whole_member(raw, name):
-    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-        return tar.extractfile(name).read()
+def test_a_layer_linked_to_a_left_out_one_keeps_its_file():
+    # Legacy layout: a repeated layer's layer.tar is a symlink to the first one's.
+    layer = _tar({"x": (b"same", 0o644)})
+    diff = _sha(layer)
+    config = json.dumps({"rootfs": {"diff_ids": [diff, diff]}}).encode()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in (("a/layer.tar", layer), ("c.json", config)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, "../a/layer.tar"
+        tar.addfile(link)
+        manifest = json.dumps([{"Config": "c.json", "RepoTags": [],
+                                "Layers": ["a/layer.tar", "b/layer.tar"]}]).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+    assert thin_archive(out.getvalue(), 1, [diff, diff])[0] == set()
 
 
 def test_thin_plan_refuses_a_layout_the_host_cannot_take():
     raw, diff_ids, _ = hand_built_archive("legacy")
-    image = edd.LocalImage("x:1", "sha256:" + "0" * 64, tuple(diff_ids), 0)
-    assert "loads only oci" in edd.thin_plan(io.BytesIO(raw), image, 1, ("oci",))
-    other = edd.LocalImage("x:1", image.id, (diff_ids[1], diff_ids[0]), 0)
-    assert "differ" in edd.thin_plan(io.BytesIO(raw), other, 1, ("legacy", "oci"))
+    assert "loads only oci" in thin_archive(raw, 1, diff_ids, ("oci",))[0]
+    assert "differ" in thin_archive(raw, 1, diff_ids[::-1])[0]
+    raw, diff_ids, _ = hand_built_archive("containerd")
+    assert "loads only" in thin_archive(raw, 1, diff_ids, ())[0]
