@@ -2298,16 +2298,14 @@ def local_image(docker, ref):
 
 class Meter:
     """What a long push shows: on a terminal, one line on stderr redrawn twice a
-    second (bytes sent, rate, time left, or what the host is doing); otherwise a
-    single line at the end."""
+    second (what is going on, bytes, rate, time left); otherwise one line at the end."""
 
     def __init__(self, stream):
         self.stream = stream
         self.tty = stream.isatty()
         self.sent = 0               # archive bytes sent, every attempt counted
-        self.total = None           # bytes of the current attempt, when known
-        self.attempt_sent = 0
-        self.activity = "starting"
+        self.send_seconds = 0.0
+        self.activity, self.total, self.count = "starting", None, 0
         self.started = self.phase_started = time.monotonic()
         self._stop = threading.Event()
         self._thread = None
@@ -2316,29 +2314,34 @@ class Meter:
             self._thread.start()
 
     def phase(self, activity, total=None):
-        self.activity, self.total, self.attempt_sent = activity, total, 0
-        self.phase_started = time.monotonic()
+        """Start showing `activity`; `total` is the bytes it will count, if known."""
+        now = time.monotonic()
+        if self.activity == "sending":
+            self.send_seconds += now - self.phase_started
+        self.activity, self.total, self.count, self.phase_started = activity, total, 0, now
+
+    def add(self, count):
+        """`count` more bytes done in this phase (and sent, if it is "sending")."""
+        self.count += count
+        if self.activity == "sending":
+            self.sent += count
 
     def say(self, text):
         """A line of its own, above the progress line."""
         self.stream.write(("\r\033[K" if self.tty else "") + "edd push: %s\n" % text)
         self.stream.flush()
 
-    def add(self, count):
-        self.sent += count
-        self.attempt_sent += count
-
     def line(self):
         elapsed = max(time.monotonic() - self.phase_started, 1e-6)
-        if self.activity != "sending":
+        if not self.count:
             return "edd push: %s (%d s)" % (self.activity, elapsed)
-        rate = self.attempt_sent / elapsed
-        text = "edd push: sent %s" % _mib(self.attempt_sent)
+        rate = self.count / elapsed
+        text = "edd push: %s %s" % (self.activity, _size(self.count))
         if self.total:
-            text += " of %s" % _mib(self.total)
-        text += ", %s/s" % _mib(rate)
-        if self.total and rate > 0:
-            text += ", %d s left" % max(0, (self.total - self.attempt_sent) / rate)
+            text += " of %s" % _size(self.total)
+        text += ", %s/s" % _size(rate)
+        if self.total and self.total > self.count:
+            text += ", %d s left" % ((self.total - self.count) / rate)
         return text
 
     def _redraw(self):
@@ -2348,19 +2351,25 @@ class Meter:
 
     def close(self):
         """Stop redrawing; print the one summary line, if anything was sent."""
+        self.phase("done")
         self._stop.set()
         if self._thread:
             self._thread.join()
             self.stream.write("\r\033[K")
         if self.sent:
-            seconds = time.monotonic() - self.started
-            self.stream.write("edd push: sent %s in %.1f s, %s/s\n" % (
-                _mib(self.sent), seconds, _mib(self.sent / max(seconds, 1e-6))))
+            self.stream.write("edd push: sent %s in %.1f s (%s/s); %.1f s in all\n" % (
+                _size(self.sent), self.send_seconds,
+                _size(self.sent / max(self.send_seconds, 1e-6)),
+                time.monotonic() - self.started))
         self.stream.flush()
 
 
-def _mib(count):
-    return "%.1f MiB" % (count / float(1 << 20))
+def _size(count):
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return "%.0f %s" % (count, unit) if unit == "B" else "%.1f %s" % (count, unit)
+        count /= 1024.0
+    return "%.2f GiB" % count
 
 
 class _BufferedSocket:
@@ -2523,9 +2532,13 @@ def spool(docker, ref, meter):
     needs the image's size free there, and is gone once closed), read on the way by
     the archive filter. Return (the file, its Archive)."""
     spooled = tempfile.TemporaryFile(prefix="edd-push-")
-    meter.phase("saving %s to %s" % (ref, tempfile.gettempdir()))
+    meter.phase("saving %s to %s:" % (ref, tempfile.gettempdir()))
+
+    def keep(chunk):
+        spooled.write(chunk)
+        meter.add(len(chunk))
     try:
-        archive = index_archive(saved_chunks(docker, ref), spooled.write)
+        archive = index_archive(saved_chunks(docker, ref), keep)
         return spooled, archive
     except OSError as exc:
         spooled.close()
@@ -2536,11 +2549,21 @@ def spool(docker, ref, meter):
         raise
 
 
+class _ArchiveIndex(ArchiveFilter):
+    """The archive filter reading only where members are and what the metadata files
+    say: it passes nothing on and hashes nothing, which halves what spooling costs.
+    LEAD: an `index_only` flag of ArchiveFilter would say the same without this."""
+
+    def _mode_for(self, member):
+        mode = super()._mode_for(member)
+        return "drop" if mode == "pass" else mode
+
+
 def index_archive(chunks, sink=None):
     """The Archive (members, metadata files) of the tar stream `chunks`, as the
     archive filter reads it; every chunk is also handed to sink(), if given."""
     archive = Archive()
-    reader = ArchiveFilter(archive, strip=False)
+    reader = _ArchiveIndex(archive, strip=False)
     for chunk in chunks:
         if sink:
             sink(chunk)
