@@ -31,6 +31,7 @@ Supports CPython 3.8 and newer; standard library only.
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -409,6 +410,10 @@ class Docker:
     def image_id(self, ref):
         image = self.inspect("image", [ref]).get(ref)
         return image["Id"] if image else None
+
+    def image_ids(self):
+        """The IDs of every image on the host, intermediate ones too."""
+        return set(self.run("images", "--all", "--quiet", "--no-trunc", timeout=60).split())
 
     def run_quietly(self, *args):
         """Run a clean-up command whose failure is only worth a log line."""
@@ -1019,7 +1024,7 @@ def layer_diff_ids(entry, config):
 @dataclasses.dataclass
 class Loaded:
     image_id: str
-    images: list
+    images: list            # the names the archive gave its images, or their IDs
     bytes: int
 
 
@@ -1028,25 +1033,40 @@ def _write_all(fd, view):
         view = view[os.write(fd, view):]
 
 
-def load_image(docker, chunks, image_choice=None):
-    """Stream `chunks` (memoryviews) into `docker load`; return the Loaded image.
+def _counted(chunks, counter):
+    for chunk in chunks:
+        counter[0] += len(chunk)
+        yield chunk
 
-    A body that ends badly (ClientGone, framing errors) kills `docker load`, so
-    nothing is tagged. When docker refuses the archive early the rest of the body
-    is read and dropped, so the client still receives docker's message.
+
+def load_archive(docker, chunks):
+    """Stream the upload `chunks` (a tar, plain or gzip'd) into `docker load` through
+    an ArchiveFilter that removes every image name; return (Archive, the image IDs
+    docker loaded, bytes received).
+
+    A body that ends badly (ClientGone, framing errors, an archive the filter
+    refuses) kills `docker load` before the archive's end, so nothing is loaded.
+    When docker refuses the archive early the rest of the body is read and
+    dropped, so the client still receives docker's message.
     """
+    archive = Archive()
+    tar = ArchiveFilter(archive)
+    received = [0]
+    body = _counted(chunks, received)
     process, finish = docker.start_load()
-    received = 0
     try:
         fd = process.stdin.fileno()
-        for chunk in chunks:
-            received += len(chunk)
-            try:
-                _write_all(fd, chunk)
-            except BrokenPipeError:
-                for chunk in chunks:
-                    received += len(chunk)
-                break
+        try:
+            for chunk in gunzip_chunks(body):
+                for piece in tar.feed(chunk):
+                    _write_all(fd, piece)
+            tail = tar.close()
+            read_manifest(archive)      # refused before docker sees the end
+            for piece in tail:
+                _write_all(fd, piece)
+        except BrokenPipeError:
+            for _ in body:
+                pass
         process.stdin.close()
         returncode = process.wait()
     except BaseException:
@@ -1055,27 +1075,96 @@ def load_image(docker, chunks, image_choice=None):
         finish()
         raise
     output = finish()
-    if returncode != 0 and received == 0:
-        raise BadRequest("the upload is empty; send the output of `docker save`")
     if returncode != 0:
         message = output.strip().replace("Error response from daemon: ", "")
         raise BadRequest("docker load failed: %s" % (message or "exit %d" % returncode))
-    return _pick_image(docker, parse_load_output(output), image_choice, received)
+    return archive, parse_load_output(output), received[0]
 
 
-def _pick_image(docker, refs, image_choice, received):
-    if not refs:
-        raise BadRequest("docker load found no image in the upload")
-    images = docker.inspect("image", refs)
-    ids = {ref: image["Id"] for ref, image in images.items()}
+def choose_image(archive, loaded_ids, image_choice=None):
+    """The ID of the image to deploy: the one the archive holds, or the one whose
+    name in the archive is `image_choice`. BadRequest if that is not one image."""
+    entries = read_manifest(archive)
+    ids = [config_id(archive, entry) for entry in entries]
+    names = archive_names(archive) or ids
     if image_choice is not None:
-        if image_choice not in ids:
-            raise BadRequest("the archive holds %s, not %s" % (", ".join(refs), image_choice))
-        return Loaded(ids[image_choice], refs, received)
-    if len(set(ids.values())) != 1:
-        raise BadRequest("the archive holds several images (%s); choose one with ?image=REF"
-                         % ", ".join(refs))
-    return Loaded(next(iter(ids.values())), refs, received)
+        wanted = {image_choice, image_choice + ":latest"}
+        chosen = {i for entry, i in zip(entries, ids)
+                  if wanted & set(entry.get("RepoTags") or []) or i == image_choice}
+        if len(chosen) != 1:
+            raise BadRequest("the archive holds %s, not %s" % (", ".join(names), image_choice))
+    else:
+        chosen = set(ids)
+        if len(chosen) != 1:
+            raise BadRequest("the archive holds several images (%s); choose one with "
+                             "?image=REF" % ", ".join(names))
+    image_id = chosen.pop()
+    if image_id not in loaded_ids:
+        raise DockerError("docker load reported %s, not the archive's %s"
+                          % (", ".join(loaded_ids) or "nothing", image_id))
+    return image_id
+
+
+def borrowed_layers(image_layers, sent, own_images):
+    """Indexes of the layers (diff IDs, base first) that are neither in the archive
+    (`sent` digests) nor under the same chain in one of `own_images` (their layer
+    lists): `docker load` takes a layer it has by chain ID and never reads the
+    archive's file, so only a deployment's own images may stand in for one."""
+    return [i for i, diff_id in enumerate(image_layers)
+            if diff_id not in sent and
+            not any(own[:i + 1] == image_layers[:i + 1] for own in own_images)]
+
+
+def _layers(image):
+    return list((image.get("RootFS") or {}).get("Layers") or [])
+
+
+class Janitor:
+    """Removes the images that failed and refused uploads added, and nothing else.
+
+    An image an upload loaded that was not on the host before it began may still
+    be one that another upload, running at the same time, loaded too and is about
+    to tag. So the removal waits until no deployment is being changed, and then
+    takes only images that carry no name: `docker rmi --no-prune` by ID, never
+    forced, so docker itself refuses one that a container uses.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._orphans = set()
+
+    @contextlib.contextmanager
+    def busy(self, docker):
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+                if not self._busy and self._orphans:
+                    orphans, self._orphans = self._orphans, set()
+                    self._remove(docker, orphans)
+
+    def discard(self, image_ids):
+        """Remove these images once no deployment is being changed, if nothing names them."""
+        with self._lock:
+            self._orphans.update(image_ids)
+
+    @staticmethod
+    def _remove(docker, image_ids):
+        try:
+            images = docker.inspect("image", sorted(image_ids))
+        except DockerError as exc:
+            log.warning("cannot look at images %s to remove them: %s",
+                        " ".join(sorted(image_ids)), exc)
+            return
+        for image_id, image in images.items():
+            if image.get("RepoTags") or image.get("RepoDigests"):
+                continue            # named since: someone else's now
+            if docker.run_quietly("rmi", "--no-prune", image_id):
+                log.info("removed image %s, loaded by a refused upload", image_id)
 
 
 def leading_match(layers, owned):
@@ -1220,6 +1309,44 @@ class Deployer:
             *verb, "-it", *deployment.args, "--name", deployment.container,
             "--label", "%s=%s" % (LABEL, deployment.name), deployment.tag("current"),
             *deployment.command)
+
+    # -- an upload ----------------------------------------------------------
+
+    def load(self, deployment, chunks, image_choice, janitor):
+        """Load the upload, check it, deploy it; return (Loaded, the new state, the
+        names the archive had and that were ignored). Whatever image this upload
+        added and does not end up running goes to `janitor`, also when it fails.
+        """
+        before = self.docker.image_ids()
+        archive, loaded_ids, received = load_archive(self.docker, chunks)
+        added = set(loaded_ids) - before
+        image_id = None
+        try:
+            image_id = choose_image(archive, loaded_ids, image_choice)
+            self.check_layers(deployment, image_id, archive.digests())
+            state = self.deploy(deployment, image_id)
+        except BaseException:
+            janitor.discard(added)
+            raise
+        janitor.discard(added - {image_id})
+        names = archive_names(archive)
+        return Loaded(image_id, names or [image_id], received), state, names
+
+    def check_layers(self, deployment, image_id, sent):
+        """Forbidden unless each layer of the image was in the archive (`sent` digests)
+        or this deployment's own images have it, under the same chain."""
+        refs = [image_id, deployment.tag("current"), deployment.tag("previous")]
+        images = self.docker.inspect("image", refs)
+        if image_id not in images:
+            raise DockerError("docker load reported image %s, which docker does not have"
+                              % image_id)
+        own = [_layers(images[ref]) for ref in refs[1:] if ref in images]
+        missing = borrowed_layers(_layers(images[image_id]), sent, own)
+        if missing:
+            raise Forbidden("the archive omits layers that deployment %s does not have "
+                            "(layers %s of the image, counted from its base at 0)"
+                            % (deployment.name, ", ".join(map(str, missing))),
+                            refused="foreign-layers")
 
     # -- the swap -----------------------------------------------------------
 
@@ -1437,6 +1564,7 @@ class App:
         self.config = config
         self.ssl_context = make_ssl_context(config)
         self.deployer = Deployer(Docker(config.docker))
+        self.janitor = Janitor()
         self.metrics = Metrics()
         self.stopping = threading.Event()
         self._busy = {}             # deployment name -> what holds it
@@ -1700,12 +1828,17 @@ def load(app, request, name):
     deployment = app.authorize(request.client, name)
     with request.holding(deployment, "load"):
         choice = request.query_one("image")
-        loaded = load_image(app.deployer.docker, request.body_chunks(), choice)
+        try:
+            loaded, state, ignored = app.deployer.load(deployment, request.body_chunks(),
+                                                       choice, app.janitor)
+        except Forbidden as exc:
+            request.audit["refused"] = exc.extra.pop("refused", None)
+            raise
         request.audit["image_id"] = loaded.image_id
         log.info("id=%s deployment=%s loaded %s (%s, %d bytes)", request.id, name,
                  loaded.image_id, " ".join(loaded.images), loaded.bytes)
-        state = app.deployer.deploy(deployment, loaded.image_id)
     state["loaded"] = dataclasses.asdict(loaded)
+    state["ignored_tags"] = ignored
     return state
 
 
@@ -1781,18 +1914,16 @@ class Request:
             raise BadRequest("%s must be a whole number from %d to %d" % (key, low, high))
         return int(value)
 
+    @contextlib.contextmanager
     def holding(self, deployment, action):
-        """A context that holds the deployment busy; Conflict at once if it already is."""
-        request = self
-
-        class Holding:
-            def __enter__(self):
-                request.app.hold(deployment, "%s by %s (request %s)"
-                                 % (action, request.client.name, request.id))
-
-            def __exit__(self, *exc_info):
-                request.app.release(deployment)
-        return Holding()
+        """Hold the deployment busy, or raise Conflict at once if it already is. While
+        any deployment is held, the janitor removes no image (see Janitor)."""
+        self.app.hold(deployment, "%s by %s (request %s)" % (action, self.client.name, self.id))
+        try:
+            with self.app.janitor.busy(self.app.deployer.docker):
+                yield
+        finally:
+            self.app.release(deployment)
 
     def body_chunks(self, limit=None):
         """Check the upload's framing, answer 100 Continue, and return its chunks."""
@@ -1979,7 +2110,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             id=request.id, time=datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             client=self.client.name, deployment=name, action=action, status=status,
-            image_id=request.audit.get("image_id"), running=running, bytes=received,
+            image_id=request.audit.get("image_id"), refused=request.audit.get("refused"),
+            running=running, bytes=received,
             restored=result.get("restored"), duration_ms=int(seconds * 1000)))
         if name not in self.app.config.deployments:
             return

@@ -32,6 +32,12 @@ Fixture API (keep these names stable; other test files use them):
     docker_cli(*args, check=True) -> CompletedProcess   (text, captured)
     container_state(name), container_labels(name), image_id(ref), wait_for(predicate),
     read_response(sock), client_context(pki, cert)
+    rewrite_archive(source, target, tags=None, drop=(), replace=None, gzip=False) -> Path
+                              (issue 9) a copy of an archive with other RepoTags, members
+                              left out or replaced, gzip'd or not
+    save_archive(path, *refs, gzip=False), commit_image(base, tag, content, cmd=None) -> id
+                              (an image one layer above base), image_layers(ref),
+                              archive_layer_members(archive)
     HTTPD_CMD, PROMPT_STOP_CMD (the default CMD), EXITS_CMD, HEALTHY_CHECK, FAILING_CHECK
 
 Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
@@ -798,3 +804,82 @@ def read_all(body, size=7):
         if not count:
             return out
         out += bytes(view[:count])
+
+
+# ---------------------------------------------------------------------------
+# Issue 9 (archive isolation): archives rewritten by hand, images sharing layers
+# ---------------------------------------------------------------------------
+
+def rewrite_archive(source, target, tags=None, drop=(), replace=None, gzip=False):
+    """Copy the `docker save` archive `source` (plain or gzip'd) to `target`, with
+    manifest.json's RepoTags (and `repositories`) set to `tags` when given, the
+    members named in `drop` left out, and those in `replace` ({name: bytes}) given
+    new contents. Returns `target` (a Path)."""
+    replace = dict(replace or {})
+    with tarfile.open(str(source)) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None)
+                   for m in tar.getmembers()]
+    by_name = {m.name: data for m, data in members}
+    if tags is not None:
+        manifest = json.loads(by_name["manifest.json"])
+        for entry in manifest:
+            entry["RepoTags"] = list(tags)
+        replace["manifest.json"] = json.dumps(manifest).encode()
+        repositories = {}
+        for tag in tags:
+            repo, _, version = tag.rpartition(":")
+            repositories.setdefault(repo, {})[version] = "0" * 64
+        replace["repositories"] = json.dumps(repositories).encode()
+    opener = gzip_module.open if gzip else open
+    with opener(str(target), "wb") as raw, tarfile.open(fileobj=raw, mode="w") as out:
+        for member, data in members:
+            if member.name in drop:
+                continue
+            if member.name in replace:
+                data = replace.pop(member.name)
+                member.size = len(data)
+            out.addfile(member, io.BytesIO(data) if data is not None else None)
+    return Path(target)
+
+
+def save_archive(path, *refs, gzip=False):
+    """`docker save refs` into `path` (gzip'd if asked); returns the Path."""
+    saved = Path(str(path) + ".saving")
+    docker_cli("save", "-o", saved, *refs)
+    if gzip:
+        rewrite_archive(saved, path, gzip=True)
+        saved.unlink()
+    else:
+        saved.rename(path)
+    return Path(path)
+
+
+def commit_image(base, tag, content, cmd=None):
+    """An image on top of `base` with one more layer, /www/index.html = `content`,
+    made with docker create, cp and commit (so it shares base's layers); its ID."""
+    container = docker_cli("create", base).stdout.strip()
+    try:
+        page = Path("/tmp/edd-test-page-%s" % secrets.token_hex(4))
+        page.write_text(content)
+        try:
+            docker_cli("cp", page, "%s:/www/index.html" % container)
+        finally:
+            page.unlink()
+        docker_cli("commit", "-c", "CMD " + json.dumps(cmd or PROMPT_STOP_CMD),
+                   container, tag)
+    finally:
+        docker_cli("rm", "-f", container, check=False)
+    return image_id(tag)
+
+
+def image_layers(ref):
+    """The diff IDs of an image's layers, base first (None if there is no such image)."""
+    proc = docker_cli("image", "inspect", "--format", "{{json .RootFS.Layers}}", ref,
+                      check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def archive_layer_members(archive):
+    """manifest.json's Layers of the first image of a `docker save` archive."""
+    with tarfile.open(str(archive)) as tar:
+        return json.loads(tar.extractfile("manifest.json").read())[0]["Layers"]
