@@ -5,6 +5,11 @@
         -X POST -H "Content-Type:application/x-tar" -T - \\
         https://host:8866/v1/deployments/website/load
 
+or, sending only the layers the host's deployment does not have yet (the same file
+is the client; `edd.py push --help`):
+
+    edd.py push website:latest https://host:8866/v1/deployments/website
+
 The upload streams into `docker load`; edd then swaps the deployment's container
 for one running the new image, with the `docker run` options fixed in the host's
 config. Promise: after a push, the new image runs and passed its health gate, or
@@ -14,6 +19,8 @@ API (JSON in and out; errors are {"error": "..."}):
     GET        /v1/deployments                     the deployments this client may use
     GET        /v1/deployments/NAME                one deployment's state
     POST|PUT   /v1/deployments/NAME/load           body: docker save archive (.tar, .tar.gz)
+    POST       /v1/deployments/NAME/layers         body: {"image_id", "layers"}: how many
+                                                   leading layers its own images have
     POST       /v1/deployments/NAME/start|stop|restart|rollback
     DELETE     /v1/deployments/NAME                stop and remove the container
     GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text)
@@ -1167,18 +1174,6 @@ class Janitor:
                 log.info("removed image %s, loaded by a refused upload", image_id)
 
 
-def leading_match(layers, owned):
-    """How many leading entries of `layers` equal those of `owned` (diff IDs, base
-    first). A layer is the same layer only on the same chain below it, so only a
-    common prefix counts."""
-    count = 0
-    for wanted, have in zip(layers, owned):
-        if wanted != have:
-            break
-        count += 1
-    return count
-
-
 def parse_layers_request(value):
     """(image_id, layers) from the JSON body of a /layers request; BadRequest if
     it is not {"image_id": "sha256:...", "layers": ["sha256:...", ...]}."""
@@ -1260,8 +1255,9 @@ class Deployer:
         image is looked at, so the answer says nothing about what else the host holds."""
         images = self.docker.inspect("image", [deployment.tag("current"),
                                                deployment.tag("previous")])
-        return max([leading_match(layers, (image.get("RootFS") or {}).get("Layers") or [])
-                    for image in images.values()] + [0])
+        # The rule check_layers() applies to the upload that follows, with nothing sent.
+        missing = borrowed_layers(layers, frozenset(), [_layers(i) for i in images.values()])
+        return missing[0] if missing else len(layers)
 
     def logs(self, deployment, tail):
         if self.owned_container(deployment) is None:
@@ -2533,8 +2529,8 @@ class Host:
             sock = self.context.wrap_socket(raw, server_hostname=self.target.host)
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             raw.close()
-            raise PushError("TLS handshake with %s failed: %s"
-                            % (where, getattr(exc, "reason", None) or exc)) from None
+            raise PushError("TLS handshake with %s failed: %s" % (where, _tls_reason(exc))
+                            ) from None
         sock.settimeout(SEND_SECONDS)
         return sock
 
@@ -2556,7 +2552,7 @@ class Host:
                     ("Content-Length", str(len(body)))]) + body)
                 status, answer = _read_answer(reader)
             except OSError as exc:
-                raise PushError("no answer from the host: %s" % exc) from None
+                raise PushError("no answer from the host: %s" % _tls_reason(exc)) from None
         if status != 200:
             raise PushError(_error_of(status, answer), answer=answer)
         return answer
@@ -2594,6 +2590,15 @@ class Host:
                                 "GET %s shows what runs" % (exc, self.target.path("")
                                                               .rstrip("/")),
                                 exit_status=1) from None
+
+
+def _tls_reason(exc):
+    """What went wrong, in words. With TLS 1.3 a host that refuses the client's
+    certificate says so only after the handshake: as an alert, or by closing."""
+    reason = str(getattr(exc, "verify_message", None) or exc)
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+        reason += "; does the host accept this client certificate?"
+    return reason
 
 
 def _wait_continue(sock, reader):

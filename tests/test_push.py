@@ -8,13 +8,14 @@ archive bytes crossed the wire. Host and client share this machine's engine.
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
-import importlib.util
 
 import pytest
 
@@ -121,6 +122,31 @@ def edd_push(server, image, name, *options, cert="alice", env=None, url=None):
     return proc.returncode, answer, proc.stdout + proc.stderr
 
 
+def running_v1(edd_factory, layered, **toplevel):
+    """A started edd whose one deployment runs v1, pushed with edd push; (edd, deployment)."""
+    deployment = edd_factory.deployment()
+    server = edd_factory.start([deployment], **toplevel)
+    assert edd_push(server, layered["v1"], deployment.name)[0] == 0
+    assert fetch(deployment.port) == "push v1\n"
+    return server, deployment
+
+
+REAL_DOCKER = shutil.which("docker")
+
+
+def fake_docker(path, script):
+    """A `docker` at `path` that runs the sh `script`, then the real docker with the
+    same arguments; returns `path`. For faults the real engine cannot produce on cue."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n%s\nexec %s \"$@\"\n" % (script, REAL_DOCKER))
+    path.chmod(0o755)
+    return path
+
+
+def on_path(folder):
+    return dict(os.environ, PATH="%s:%s" % (folder, os.environ["PATH"]))
+
+
 # ---------------------------------------------------------------------------
 # The thin push, end to end
 # ---------------------------------------------------------------------------
@@ -150,9 +176,7 @@ def test_v2_sharing_its_base_sends_only_its_new_layer(edd_factory, layered):
 
 @pytest.mark.docker
 def test_already_running_sends_nothing_and_force_redeploys(edd_factory, layered):
-    deployment = edd_factory.deployment()
-    server = edd_factory.start([deployment])
-    assert edd_push(server, layered["v1"], deployment.name)[0] == 0
+    server, deployment = running_v1(edd_factory, layered)
     status, answer, _ = edd_push(server, layered["v1"], deployment.name, "--json")
     assert (status, answer["bytes_sent"], answer["already_running"]) == (0, 0, True)
     status, _, output = edd_push(server, layered["v1"], deployment.name)
@@ -168,9 +192,7 @@ def test_already_running_sends_nothing_and_force_redeploys(edd_factory, layered)
 
 @pytest.mark.docker
 def test_full_sends_every_layer(edd_factory, layered):
-    deployment = edd_factory.deployment()
-    server = edd_factory.start([deployment])
-    assert edd_push(server, layered["v1"], deployment.name)[0] == 0
+    server, deployment = running_v1(edd_factory, layered)
     _, whole = layer_bytes(layered["v2"], -1)
     status, answer, output = edd_push(server, layered["v2"], deployment.name, "--full",
                                       "--json")
@@ -181,9 +203,7 @@ def test_full_sends_every_layer(edd_factory, layered):
 
 @pytest.mark.docker
 def test_failed_deploy_exits_1_and_the_old_page_stays(edd_factory, layered):
-    deployment = edd_factory.deployment()
-    server = edd_factory.start([deployment])
-    assert edd_push(server, layered["v1"], deployment.name)[0] == 0
+    server, deployment = running_v1(edd_factory, layered)
     status, _, output = edd_push(server, layered["v3"], deployment.name)
     assert status == 1, output
     assert "edd push: error: the host answered 502" in output and "Traceback" not in output
@@ -191,35 +211,39 @@ def test_failed_deploy_exits_1_and_the_old_page_stays(edd_factory, layered):
 
 
 @pytest.mark.docker
-def test_layer_gone_after_layers_answer_falls_back_to_full(edd_factory, layered, tmp_path):
+@pytest.mark.parametrize("loss, says", [
+    ("deleted", "docker load failed"),          # no image on the host has the layer
+    ("disowned", "the archive omits layers"),   # others have it, the deployment not
+])
+def test_layer_gone_after_layers_answer_falls_back_to_full(edd_factory, layered, tmp_path,
+                                                           loss, says):
     # Fault injection: the host must lose the layer between its /layers answer and
     # the upload, which the engine does not do on cue. The client's `docker` is a
-    # wrapper whose `save` (run between the two) removes the deployment and every
-    # image holding the base layer, once the archive is written.
-    deployment = edd_factory.deployment()
-    server = edd_factory.start([deployment])
-    assert edd_push(server, layered["v1"], deployment.name)[0] == 0
+    # wrapper whose `save` (run between the two), once the archive is written,
+    # removes the deployment's container and image, and for "deleted" also every
+    # other image that holds the base layer.
+    server, deployment = running_v1(edd_factory, layered)
     copy = run_tag("push-gone", "v2")
     docker_cli("tag", layered["v2"], copy)
-    wrapper = tmp_path / "bin" / "docker"
-    wrapper.parent.mkdir()
-    real = subprocess.run(["which", "docker"], stdout=subprocess.PIPE,
-                          universal_newlines=True).stdout.strip()
-    wrapper.write_text(
-        "#!/bin/sh\nif [ \"$1\" = save ]; then\n  %s \"$@\" || exit $?\n"
-        "  %s rm -f %s >/dev/null\n  %s rmi %s edd/%s:current %s >/dev/null\nexit 0\nfi\n"
-        "exec %s \"$@\"\n" % (real, real, deployment.name, real, " ".join(
-            layered[k] for k in ("v1", "v2", "v3", "base")), deployment.name, copy, real))
-    wrapper.chmod(0o755)
-    env = dict(os.environ, PATH="%s:%s" % (wrapper.parent, os.environ["PATH"]))
+    others = [layered[k] for k in ("v1", "v2", "v3", "base")] + [copy]
+    wrapper = fake_docker(tmp_path / "bin" / "docker", (
+        'if [ "$1" = save ]; then\n  {docker} "$@" || exit $?\n'
+        '  {docker} rm -f {name} >/dev/null\n  {docker} rmi edd/{name}:current {others} '
+        '>/dev/null\n  exit 0\nfi').format(docker=REAL_DOCKER, name=deployment.name,
+                                             others=" ".join(others) if loss == "deleted"
+                                             else ""))
     try:
-        status, answer, output = edd_push(server, copy, deployment.name, "--json", env=env)
+        status, answer, output = edd_push(server, copy, deployment.name, "--json",
+                                          env=on_path(wrapper.parent))
     finally:
-        build_layered(layered["base"], [(layered[k], "push %s\n" % k, cmd) for k, cmd in
-                                        (("v1", PROMPT_STOP_CMD), ("v2", PROMPT_STOP_CMD),
-                                         ("v3", EXITS_CMD))])
+        if loss == "deleted":
+            build_layered(layered["base"], [(layered[k], "push %s\n" % k, cmd) for k, cmd in
+                                            (("v1", PROMPT_STOP_CMD), ("v2", PROMPT_STOP_CMD),
+                                             ("v3", EXITS_CMD))])
+        docker_cli("rmi", copy, check=False)
     assert status == 0, output
-    assert "sending the whole image" in output and "thin upload failed" in answer["fallback"]
+    assert "sending the whole image" in output
+    assert answer["fallback"].startswith("the thin upload failed: " + says), answer
     assert answer["layers_skipped"] == 0
     assert fetch(deployment.port) == "push v2\n"
 
@@ -229,20 +253,63 @@ def test_thin_false_sends_the_whole_image_and_says_so(edd_factory, layered, tmp_
     # Fault injection: this engine is the classic store; a wrapper that answers
     # `--version` like podman's docker shim stands for an engine that cannot load
     # an archive without layers (everything else goes to the real docker).
-    real = subprocess.run(["which", "docker"], stdout=subprocess.PIPE,
-                          universal_newlines=True).stdout.strip()
-    wrapper = tmp_path / "podman-docker"
-    wrapper.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo 'podman version 4.3.1' "
-                       "&& exit 0\nexec %s \"$@\"\n" % real)
-    wrapper.chmod(0o755)
-    deployment = edd_factory.deployment()
-    server = edd_factory.start([deployment], docker=str(wrapper))
-    assert edd_push(server, layered["v1"], deployment.name)[0] == 0
+    wrapper = fake_docker(tmp_path / "podman-docker",
+                          "[ \"$1\" = --version ] && echo 'podman version 4.3.1' && exit 0")
+    server, deployment = running_v1(edd_factory, layered, docker=str(wrapper))
     _, whole = layer_bytes(layered["v2"], -1)
     status, answer, output = edd_push(server, layered["v2"], deployment.name, "--json")
     assert status == 0, output
     assert "does not load archives without layers" in output
     assert answer["bytes_sent"] == whole and "without layers" in answer["fallback"]
+    assert fetch(deployment.port) == "push v2\n"
+
+
+def relayout(legacy, layout):
+    """The legacy `docker save` archive `legacy` (bytes) rewritten as `layout` writes
+    it: "oci" (Docker 25+ on the classic store: blobs named by diff ID) or
+    "containerd" (the containerd store: gzip'd blobs named by their own digest)."""
+    with tarfile.open(fileobj=io.BytesIO(legacy)) as tar:
+        entry = json.load(tar.extractfile("manifest.json"))[0]
+        config = tar.extractfile(entry["Config"]).read()
+        layers = [tar.extractfile(tar.getmember(name)).read() for name in entry["Layers"]]
+    files, names = [], []
+    for layer in layers:
+        blob = gzip.compress(layer, mtime=0) if layout == "containerd" else layer
+        names.append("blobs/sha256/" + _sha(blob).split(":")[1])
+        files.append((names[-1], blob))
+    config_name = "blobs/sha256/" + _sha(config).split(":")[1]
+    files += [(config_name, config), ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+              ("index.json", b'{"schemaVersion": 2, "manifests": []}'),
+              ("manifest.json", json.dumps([dict(entry, Config=config_name,
+                                                  Layers=names)]).encode())]
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue(), files[len(layers) - 1][1]
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("layout", ["oci", "containerd"])
+def test_thin_push_of_other_engines_archives(edd_factory, layered, tmp_path, layout):
+    # This machine's docker writes only the legacy layout, so the client's `docker`
+    # is a wrapper whose `save` answers with the same image in `layout` (everything
+    # else goes to the real docker). The host here is the classic store, which
+    # loads either layout without the layers it has.
+    server, deployment = running_v1(edd_factory, layered)
+    legacy = subprocess.run(["docker", "save", layered["v2"]], stdout=subprocess.PIPE,
+                            check=True, timeout=120).stdout
+    archive, app_blob = relayout(legacy, layout)
+    (tmp_path / "v2.tar").write_bytes(archive)
+    wrapper = fake_docker(tmp_path / "bin" / "docker",
+                          "[ \"$1\" = save ] && exec cat %s" % (tmp_path / "v2.tar"))
+    status, answer, output = edd_push(server, layered["v2"], deployment.name, "--json",
+                                      env=on_path(wrapper.parent))
+    assert status == 0, output
+    assert answer["layers_sent"] == 1 and "fallback" not in answer
+    assert len(app_blob) <= answer["bytes_sent"] <= len(app_blob) + 64 * 1024
     assert fetch(deployment.port) == "push v2\n"
 
 
@@ -279,26 +346,28 @@ def test_layers_answers_only_about_the_deployments_own_images(edd_factory, layer
 
 
 @pytest.mark.docker
-def test_push_refused_before_upload_exits_2(edd_factory, layered):
+def test_push_refused_before_upload_exits_2(edd_factory, layered, pki):
     deployment = edd_factory.deployment(clients=["alice"])
     server = edd_factory.start([deployment])
-    status, _, output = edd_push(server, layered["v1"], deployment.name, cert="bob")
-    assert status == 2 and "403" in output and "may not use" in output
-    status, _, output = edd_push(server, layered["v1"], "nosuch")
-    assert status == 2 and "404" in output
-    status, _, output = edd_push(server, layered["v1"], deployment.name, cert="mallory")
-    assert status == 2 and "TLS" in output or "connection" in output, output
-    status, _, output = edd_push(server, "no-such-image:here", deployment.name)
-    assert status == 2 and "no image" in output
-    for text in (output,):
-        assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+    crt, key = pki.client("alice")
+    cases = [((layered["v1"], deployment.name), {"cert": "bob"}, "403: bob may not use"),
+             ((layered["v1"], "nosuch"), {}, "404: no deployment named"),
+             ((layered["v1"], deployment.name), {"cert": "mallory"},
+              "does the host accept this client certificate?"),
+             (("no-such-image:here", deployment.name), {}, "no image 'no-such-image:here'"),
+             ((layered["v1"], deployment.name, "--cacert", str(pki.other_ca)), {},
+              "TLS handshake with 127.0.0.1:%d failed" % server.port)]
+    for args, options, says in cases:
+        status, _, output = edd_push(server, *args, **options)
+        assert status == 2 and says in output, output
+        assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
+    assert edd_push(server, layered["v1"], deployment.name)[0] == 0      # alice may
+    assert fetch(deployment.port) == "push v1\n"
 
 
 @pytest.mark.docker
 def test_curl_push_unchanged_next_to_edd_push(edd_factory, layered, tmp_path):
-    deployment = edd_factory.deployment()
-    server = edd_factory.start([deployment])
-    assert edd_push(server, layered["v1"], deployment.name)[0] == 0
+    server, deployment = running_v1(edd_factory, layered)
     archive = tmp_path / "v2.tar"
     docker_cli("save", "-o", archive, layered["v2"])
     reply = curl(server, "POST", "/v1/deployments/%s/load" % deployment.name, upload=archive)
@@ -360,14 +429,6 @@ def test_target_from_url():
                 "https://h/v1/deployments/a/b", "https://h:99999/v1/web"):
         with pytest.raises(edd.PushError):
             edd.parse_target(bad)
-
-
-def test_leading_match_is_a_prefix():
-    a, b, c = ("sha256:" + ch * 64 for ch in "abc")
-    assert edd.leading_match([a, b, c], [a, b]) == 2
-    assert edd.leading_match([a, b], [b, a]) == 0       # same layers, other chain
-    assert edd.leading_match([a, c], [a, b, c]) == 1
-    assert edd.leading_match([], [a]) == 0
 
 
 # ---------------------------------------------------------------------------
