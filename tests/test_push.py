@@ -264,6 +264,17 @@ def test_thin_false_sends_the_whole_image_and_says_so(edd_factory, layered, tmp_
     assert fetch(deployment.port) == "push v2\n"
 
 
+def ustar(files):
+    """A tar (bytes) of the regular files [(name, data)], in that order, as docker writes."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 def relayout(legacy, layout):
     """The legacy `docker save` archive `legacy` (bytes) rewritten as `layout` writes
     it: "oci" (Docker 25+ on the classic store: blobs named by diff ID) or
@@ -282,13 +293,7 @@ def relayout(legacy, layout):
               ("index.json", b'{"schemaVersion": 2, "manifests": []}'),
               ("manifest.json", json.dumps([dict(entry, Config=config_name,
                                                   Layers=names)]).encode())]
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue(), files[len(layers) - 1][1]
+    return ustar(files), files[len(layers) - 1][1]
 
 
 @pytest.mark.docker
@@ -466,13 +471,7 @@ def hand_built_archive(layout):
                   ("index.json", b'{"schemaVersion": 2, "manifests": []}')]
     files.append(("manifest.json", json.dumps(
         [{"Config": config_name, "RepoTags": ["x:1"], "Layers": names}]).encode()))
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue(), diff_ids, names
+    return ustar(files), diff_ids, names
 
 
 def thin_archive(raw, have, diff_ids, layouts=("legacy", "oci")):
