@@ -2644,7 +2644,8 @@ def layer_gone(status, answer):
 
 def saved_chunks(docker, ref):
     """`docker save ref` streamed straight into the upload, BUFFER_SIZE at a time. If
-    save fails, the upload is cut off before its last chunk, so the host loads nothing."""
+    save fails, the upload is cut off before its last chunk, so the host loads nothing
+    and changes nothing: PushError with exit status 2."""
     process, finish = docker.start_save(ref)
     buffer = memoryview(bytearray(BUFFER_SIZE))
     try:
@@ -2660,8 +2661,7 @@ def saved_chunks(docker, ref):
             process.wait()
     errors = finish()
     if returncode != 0:
-        raise PushError("docker save %s failed: %s" % (ref, _docker_message(errors.encode())),
-                        exit_status=1)
+        raise PushError("docker save %s failed: %s" % (ref, _docker_message(errors.encode())))
 
 
 def spool(docker, ref, meter):
