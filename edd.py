@@ -32,6 +32,10 @@ Threat model: mutual TLS proves that a client holds a key certified by client_ca
 `clients` and `admins` narrow which deployments each identity may touch. A client
 chooses only the image: what the container may do is fixed by the host's config.
 An image is code: whoever may push to a deployment runs code with its `args`.
+An upload changes its own deployment and nothing else: the names in the archive
+are removed before `docker load` sees them (edd tags only edd/NAME:current and
+:previous, and reports them as "ignored_tags"), and a layer the archive leaves
+out is accepted only if the deployment's own images have it (else 403).
 
 Supports CPython 3.8 and newer; standard library only.
 """
@@ -543,7 +547,7 @@ TAR_BLOCK = 512
 METADATA_FILES = ("manifest.json", "repositories", "index.json")
 MAX_METADATA_BYTES = 4 << 20        # docker's own are a few KiB
 MAX_SPECIAL_BYTES = 1 << 20         # a pax or GNU long-name header; Go's limit too
-MAX_MEMBERS = 1 << 17
+MAX_MEMBERS = 1 << 14              # docker save writes about four per layer
 OUTPUT_MERGE = 1 << 16              # smaller pieces are joined before they are written
 # Annotations that name an image in index.json (containerd and OCI).
 NAME_ANNOTATIONS = ("io.containerd.image.name", "org.opencontainers.image.ref.name")
@@ -591,7 +595,8 @@ def _tar_number(field):
         if field[0] == 0xff:
             raise BadRequest("the archive has a tar header with a negative number")
         return int.from_bytes(bytes([field[0] & 0x7f]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
+    # Go's parseOctal: trim spaces and NULs at both ends, then stop at a NUL.
+    text = field.strip(b" \0").split(b"\0", 1)[0]
     if not re.match(rb"[0-7]*\Z", text):
         raise BadRequest("the archive has a tar header with a malformed number")
     return int(text or b"0", 8)
@@ -740,15 +745,16 @@ class ArchiveFilter:
             self._started = True
             if self._left or self._pad:
                 count = min(self._left + self._pad, len(view) - pos)
+                self.offset += count
                 self._take(view[pos:pos + count], out)
             else:
                 count = min(TAR_BLOCK - len(self._block), len(view) - pos)
                 self._block += view[pos:pos + count]
+                self.offset += count
                 if len(self._block) == TAR_BLOCK:
                     self._header(bytes(self._block), out)
                     self._block.clear()
             pos += count
-            self.offset += count
         # Bytes after the end-of-archive marker are not passed on: docker's
         # reader would stop there too, or fail.
         return _merge(out)
@@ -820,14 +826,14 @@ class ArchiveFilter:
             return
         if not _checksum_ok(block):
             raise BadRequest("not a tar archive (a bad header at byte %d); send the output "
-                             "of `docker save`, plain or gzip'd" % self.offset)
+                             "of `docker save`, plain or gzip'd" % (self.offset - TAR_BLOCK))
         kind = block[156:157]
         size = _tar_number(block[124:136])
         if kind in (b"x", b"L", b"K"):
             if size > MAX_SPECIAL_BYTES:
                 raise BadRequest("the archive has an extended tar header over 1 MiB")
             self._held += block
-            self._start(Member("", kind, size, self.offset + TAR_BLOCK), "extended", size)
+            self._start(Member("", kind, size, self.offset), "extended", size)
             return
         if kind == b"S":
             raise BadRequest("the archive holds a sparse file; docker save writes none")
@@ -835,7 +841,7 @@ class ArchiveFilter:
             if self._held:
                 raise BadRequest("the archive has a global pax header inside a member")
             out.append(block)
-            self._start(Member("", kind, size, self.offset + TAR_BLOCK), "pass", size)
+            self._start(Member("", kind, size, self.offset), "pass", size)
             return
         member = self._member_from(block, kind, size)
         mode = self._mode_for(member)
@@ -857,12 +863,12 @@ class ArchiveFilter:
         linkname = extended.get("gnu linkpath", extended.get("pax linkpath",
                                                              _tar_string(block[157:257])))
         if "pax size" in extended:
-            if not extended["pax size"].isdigit():
+            if not re.match(r"[0-9]{1,20}\Z", extended["pax size"]):
                 raise BadRequest("the archive has a malformed pax size")
             size = int(extended["pax size"])
         if kind == b"\0" and name.endswith("/"):
             kind = b"5"
-        return Member(member_name(name), kind, size, self.offset + TAR_BLOCK, linkname)
+        return Member(member_name(name), kind, size, self.offset, linkname)
 
     def _mode_for(self, member):
         """How the filter treats a member, once its name is checked."""
@@ -1112,6 +1118,10 @@ def choose_image(archive, loaded_ids, image_choice=None):
             raise BadRequest("the archive holds several images (%s); choose one with "
                              "?image=REF" % ", ".join(names))
     image_id = chosen.pop()
+    if image_id not in loaded_ids and len(set(ids)) == 1 and len(loaded_ids) == 1:
+        # The containerd image store names an image by its manifest's digest,
+        # not its config's: an archive of one image loads as that one ID.
+        return loaded_ids[0]
     if image_id not in loaded_ids:
         raise DockerError("docker load reported %s, not the archive's %s"
                           % (", ".join(loaded_ids) or "nothing", image_id))

@@ -38,6 +38,8 @@ Fixture API (keep these names stable; other test files use them):
     save_archive(path, *refs, gzip=False), commit_image(base, tag, content, cmd=None) -> id
                               (an image one layer above base), image_layers(ref),
                               archive_layer_members(archive)
+    oci_archive(source, target, tags, compress=True) -> Path   (issue 9) the same image
+                              in the OCI layout, layers gzip'd and named by that digest
     HTTPD_CMD, PROMPT_STOP_CMD (the default CMD), EXITS_CMD, HEALTHY_CHECK, FAILING_CHECK
 
 Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
@@ -46,6 +48,7 @@ Import the helpers with `from conftest import ...` (tests/ has no __init__.py).
 import collections
 import fcntl
 import gzip as gzip_module
+import hashlib
 import http.client
 import io
 import json
@@ -883,3 +886,50 @@ def archive_layer_members(archive):
     """manifest.json's Layers of the first image of a `docker save` archive."""
     with tarfile.open(str(archive)) as tar:
         return json.loads(tar.extractfile("manifest.json").read())[0]["Layers"]
+
+
+def oci_archive(source, target, tags, compress=True):
+    """The image of `docker save` archive `source` rewritten in the OCI layout that
+    newer engines write: blobs/sha256/<digest> (layers gzip'd and so named by their
+    compressed digest when `compress`, as a containerd store does), index.json
+    naming the image in annotations, oci-layout, and manifest.json with RepoTags."""
+    with tarfile.open(str(source)) as tar:
+        entry = json.loads(tar.extractfile("manifest.json").read())[0]
+        config = tar.extractfile(entry["Config"]).read()
+        layers = [tar.extractfile(tar.getmember(name)).read() for name in entry["Layers"]]
+    blobs = {}
+
+    def blob(data):
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs["blobs/sha256/" + digest[7:]] = data
+        return digest, "blobs/sha256/" + digest[7:]
+    if compress:
+        layers = [gzip_module.compress(layer, mtime=0) for layer in layers]
+    layer_blobs = [blob(layer) for layer in layers]
+    config_digest, config_path = blob(config)
+    image_manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar"
+                                 + ("+gzip" if compress else ""),
+                    "digest": digest, "size": len(layer)}
+                   for (digest, _), layer in zip(layer_blobs, layers)]}).encode()
+    manifest_digest, _ = blob(image_manifest)
+    index = {"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": manifest_digest, "size": len(image_manifest),
+        "annotations": {"io.containerd.image.name": tag,
+                        "org.opencontainers.image.ref.name": tag.rpartition(":")[2]}}
+        for tag in tags]}
+    files = sorted(blobs.items()) + [
+        ("index.json", json.dumps(index).encode()),
+        ("manifest.json", json.dumps([{"Config": config_path, "RepoTags": list(tags),
+                                       "Layers": [path for _, path in layer_blobs]}]).encode()),
+        ("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')]
+    with tarfile.open(str(target), "w") as out:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    return Path(target)

@@ -12,8 +12,8 @@ import threading
 import pytest
 
 from conftest import (archive_layer_members, commit_image, container_state, curl,
-                      docker_cli, fetch, image_id, image_layers, rewrite_archive,
-                      run_tag, save_archive, unreachable)
+                      docker_cli, fetch, image_id, image_layers, oci_archive,
+                      rewrite_archive, run_tag, save_archive, unreachable)
 
 pytestmark = pytest.mark.docker
 
@@ -157,6 +157,40 @@ def test_a_whole_archive_may_carry_layers_the_host_has(edd_factory, layered):
     assert fetch(website.port) == "website secret page\n"
 
 
+def test_oci_layout_with_compressed_layers(edd_factory, layered, make_image, tmp_path):
+    # What a containerd-store engine saves: layer blobs gzip'd and named by the
+    # compressed digest, names in index.json as well as in manifest.json.
+    website = edd_factory.deployment(clients=["bob"])
+    tenant = edd_factory.deployment(clients=["alice"])
+    edd = edd_factory.start([website, tenant])
+    workload_tag = run_tag("edd-iso-oci-workload")
+    host_load(make_image(workload_tag, content="oci workload\n"))
+    workload_id = image_id(workload_tag)
+    names = ["edd/%s:current" % website.name, workload_tag]
+    oci_secret = oci_archive(layered["archives"]["secret"], tmp_path / "secret.tar", names)
+    body = assert_ok(push(edd, website, oci_secret, cert="bob"))
+    assert fetch(website.port) == "website secret page\n"
+    assert body["image_id"] == layered["ids"]["secret"]
+    assert image_id(workload_tag) == workload_id
+    assert sorted(body["ignored_tags"]) == sorted(names)
+
+    # All layers sent, gzip'd: the tenant may carry layers the website has.
+    oci_top = oci_archive(layered["archives"]["top"], tmp_path / "top.tar", ["app:v2"])
+    assert_ok(push(edd, tenant, oci_top))
+    assert fetch(tenant.port) == "tenant page\n"
+    assert_ok(curl(edd, "DELETE", "/v1/deployments/%s" % tenant.name))
+    docker_cli("rmi", "edd/%s:current" % tenant.name)
+    assert image_id(layered["ids"]["top"]) is None
+
+    # Without its lower blobs it borrows them: refused for the tenant.
+    lower = archive_layer_members(oci_top)[:2]
+    thin = rewrite_archive(oci_top, tmp_path / "thin.tar", drop=lower)
+    assert push(edd, tenant, thin).status == 403
+    assert image_id(layered["ids"]["top"]) is None and container_state(tenant.name) is None
+    assert_ok(push(edd, website, thin, cert="bob"))
+    assert fetch(website.port) == "tenant page\n"
+
+
 # ---------------------------------------------------------------------------
 # Several images in one archive
 # ---------------------------------------------------------------------------
@@ -187,6 +221,19 @@ def test_multi_image_archive_with_image_choice(edd_factory, make_image, gzip):
     assert reply.status == 400 and "nosuch:latest" in reply.json["error"], reply
     assert fetch(deployment.port) == "iso multi b\n"
     assert image_id(first_id) is None
+
+
+def test_a_failed_gate_takes_its_image_away(edd_factory, make_image):
+    deployment = edd_factory.deployment()
+    edd = edd_factory.start([deployment])
+    good = make_image(run_tag("edd-iso-gate", "v1"), content="gate v1\n")
+    assert_ok(push(edd, deployment, good))
+    exits = make_image(run_tag("edd-iso-gate", "v2"), exits=True)
+    reply = push(edd, deployment, exits)
+    assert reply.status == 502 and reply.json["restored"] is True, reply
+    assert fetch(deployment.port) == "gate v1\n"
+    assert image_id(make_image.image_id(exits)) is None
+    assert edd_tag(deployment) == make_image.image_id(good)
 
 
 # ---------------------------------------------------------------------------
