@@ -49,8 +49,8 @@ def test_engine_records():
     podman = edd.engine_from_info("podman", PODMAN_INFO)
     assert (podman.kind, podman.version, podman.image_store, podman.rootless) == \
         ("podman", "4.3.1", "podman", True)
-    assert (classic.thin_archives, containerd.thin_archives, podman.thin_archives) == \
-        (True, "oci-layout", False)
+    assert (classic.thin_layouts, containerd.thin_layouts, podman.thin_layouts) == \
+        (("legacy", "oci"), ("oci",), ())
     assert classic.runs_healthchecks and not podman.runs_healthchecks
     assert str(podman) == "podman 4.3.1 (image store: podman, rootless)"
 
