@@ -5,7 +5,8 @@
 #   make test        the test suite (pytest: into .venv when missing; engines)
 #   make install     program, systemd unit and /etc/edd/config.json (if absent)
 #   make uninstall   remove program and unit; /etc/edd is left alone
-#   make bench       the benchmark (issue 5); BENCH_ARGS=--full adds 1 GiB
+#   make bench       the benchmark (issue 5); BENCH_ARGS=--full adds 1 GiB,
+#                    BENCH_ARGS=--thin measures edd push (issue 12)
 #   make client-cert NAME=alice [DNS=..|EMAIL=..]   a client certificate (90 days)
 #
 # install and uninstall honour DESTDIR and PREFIX, e.g.
@@ -53,7 +54,10 @@ $(VENV)/bin/pytest:
 # busybox-static. About 3 minutes; BENCH_ARGS=--full adds a 1 GiB image.
 BENCH_ARGS ?=
 
+# --thin shapes lo with tc; the trap removes that qdisc (handle edd:) even if
+# the bench itself is killed before its own clean-up runs.
 bench:
+	trap 'tc qdisc del dev lo root handle edd: 2>/dev/null || true' EXIT INT TERM HUP; \
 	$(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 # ---------------------------------------------------------------- dev PKI

@@ -5,6 +5,11 @@
         -X POST -H "Content-Type:application/x-tar" -T - \\
         https://host:8866/v1/deployments/website/load
 
+or, sending only the layers the host's deployment does not have yet (the same file
+is the client; `edd.py push --help`):
+
+    edd.py push website:latest https://host:8866/v1/deployments/website
+
 The upload streams into `docker load`; edd then swaps the deployment's container
 for one running the new image, with the `docker run` options fixed in the host's
 config. Promise: after a push, the new image runs and passed its health gate, or
@@ -14,6 +19,8 @@ API (JSON in and out; errors are {"error": "..."}):
     GET        /v1/deployments                     the deployments this client may use
     GET        /v1/deployments/NAME                one deployment's state
     POST|PUT   /v1/deployments/NAME/load           body: docker save archive (.tar, .tar.gz)
+    POST       /v1/deployments/NAME/layers         body: {"image_id", "layers"}: how many
+                                                   leading layers its own images have
     POST       /v1/deployments/NAME/start|stop|restart|rollback
     DELETE     /v1/deployments/NAME                stop and remove the container
     GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text,
@@ -60,12 +67,14 @@ import os
 import posixpath
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -80,6 +89,7 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)   # Python < 3.10 lacks the 
 MAX_CHUNK_LINE = 1024          # a chunk-size line longer than this is not HTTP
 LOG_TAIL_LINES = 20            # lines of a failed container's log sent to the client
 MAX_LOG_TAIL = 10000
+MAX_JSON_BODY = 64 << 10       # a /layers request lists at most a few hundred layers
 LINGER_SECONDS = 2             # how long a closing connection drains unread bytes
 LINGER_BYTES = 1 << 20
 POLL_SECONDS = 0.25            # how often the gate looks at a settling container
@@ -90,6 +100,7 @@ HEALTH_POLL_SECONDS = 0.5      # and then at one whose HEALTHCHECK is still star
 NAME_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*\Z")
 PARKED_SUFFIX = ".edd-old"
 LABEL = "edd.deployment"
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 MUTATING = frozenset(["load", "start", "stop", "restart", "rollback", "delete"])
 
 log = logging.getLogger("edd")
@@ -367,16 +378,40 @@ def load_config(path):
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
+def tls_context(protocol, cert, key, ca, cert_names, ca_name):
+    """A TLS 1.2+ context that presents `cert`/`key` and trusts only `ca` (None:
+    the system's CAs). Server and client share it; ConfigError names the files by
+    `cert_names` and `ca_name`, the config keys or command-line options."""
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.set_ciphers(TLS12_CIPHERS)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("%s: cannot load %s with %s: %s"
+                          % (cert_names, cert, key or cert, exc)) from None
+    try:
+        if ca is None:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        else:
+            context.load_verify_locations(cafile=ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError("%s: cannot load %s: %s" % (ca_name, ca, exc)) from None
+    return context
+
+
 def make_ssl_context(config):
     """The server's TLS context: TLS 1.2+, client certificates required from client_ca.
 
     No session resumption: a resumed session skips the certificate check, so a
     certificate that expired (or a client_ca that was replaced) would go on working.
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.set_ciphers(TLS12_CIPHERS)
+    try:
+        context = tls_context(ssl.PROTOCOL_TLS_SERVER, config.server_cert, config.server_key,
+                              config.client_ca, "server_cert/server_key", "client_ca")
+    except ConfigError as exc:
+        raise ConfigError("%s: %s" % (config.path, exc)) from None
     context.options |= ssl.OP_NO_TICKET
     if hasattr(context, "num_tickets"):
         context.num_tickets = 0             # TLS 1.3 tickets (OpenSSL 1.1.1+)
@@ -384,17 +419,6 @@ def make_ssl_context(config):
     # edd send its answer; OpenSSL 3 otherwise makes that EOF fatal. HTTP framing
     # still notices a body that was cut short.
     context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 1 << 7)
-    try:
-        context.load_cert_chain(config.server_cert, config.server_key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError("%s: server_cert/server_key: cannot load %s with %s: %s"
-                          % (config.path, config.server_cert, config.server_key,
-                             exc)) from None
-    try:
-        context.load_verify_locations(cafile=config.client_ca)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError("%s: client_ca: cannot load %s: %s"
-                          % (config.path, config.client_ca, exc)) from None
     return context
 
 
@@ -460,6 +484,11 @@ class Engine:
         copies the archive through containers/image, which reads every layer
         the manifest names (podman#8132)."""
         return {"classic": True, "containerd": "oci-layout"}.get(self.image_store, False)
+
+    @property
+    def thin_layouts(self):
+        """thin_archives as the archive layouts ("legacy", "oci") that /layers names."""
+        return {True: ("legacy", "oci"), "oci-layout": ("oci",)}.get(self.thin_archives, ())
 
     @property
     def runs_healthchecks(self):
@@ -629,13 +658,14 @@ class Docker:
         process = self._popen(args, subprocess.DEVNULL)
         return self._output(process, WATCHER.call_later(timeout, process.kill), size)
 
-    def _popen(self, args, stdin):
-        """Start docker with `args`, its stdout and stderr merged into one pipe."""
+    def _popen(self, args, stdin, stderr=subprocess.STDOUT):
+        """Start docker with `args`, its stdout a pipe (stderr merged into it unless
+        `stderr` says otherwise)."""
         argv = [self.command] + list(args)
         log.debug("docker: %s", " ".join(argv))
         try:
             return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, bufsize=0)
+                                    stderr=stderr, bufsize=0)
         except OSError as exc:
             raise DockerError("cannot run the docker CLI %s: %s"
                               % (self.command, exc.strerror or exc)) from None
@@ -666,15 +696,13 @@ class Docker:
             fcntl.fcntl(process.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass    # a smaller pipe only costs a few more context switches
-        output = []
-        reader = threading.Thread(target=lambda: output.append(process.stdout.read()),
-                                  name="docker-load-output", daemon=True)
-        reader.start()
+        return process, _drain(process.stdout, "docker-load-output")
 
-        def finish():
-            reader.join()
-            return output[0].decode("utf-8", "replace") if output else ""
-        return process, finish
+    def start_save(self, ref):
+        """Start `docker save ref`, the archive on its stdout; its stderr is drained by a
+        thread. Return (process, finish): finish() gives stderr once stdout is read."""
+        process = self._popen(["save", ref], subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return process, _drain(process.stderr, "docker-save-errors")
 
     def loaded_refs(self, output):
         """The images a finished `load` printed, as names this engine resolves."""
@@ -685,6 +713,20 @@ class Docker:
             refs = [ref[len("localhost/"):] if ref.startswith("localhost/") else ref
                     for ref in refs]
         return refs
+
+
+def _drain(stream, name):
+    """Read `stream` to its end in a thread, so the child never blocks on a full pipe;
+    return a function that waits for that and gives what was read (text)."""
+    output = []
+    reader = threading.Thread(target=lambda: output.append(stream.read()), name=name,
+                              daemon=True)
+    reader.start()
+
+    def finish():
+        reader.join()
+        return output[0].decode("utf-8", "replace") if output else ""
+    return finish
 
 
 def parse_load_output(text):
@@ -1379,6 +1421,20 @@ class Janitor:
                 log.info("removed image %s, loaded by a refused upload", image_id)
 
 
+def parse_layers_request(value):
+    """(image_id, layers) from the JSON body of a /layers request; BadRequest if
+    it is not {"image_id": "sha256:...", "layers": ["sha256:...", ...]}."""
+    if not isinstance(value, dict) or set(value) - {"image_id", "layers"}:
+        raise BadRequest('send {"image_id": "sha256:...", "layers": ["sha256:...", ...]}')
+    image_id, layers = value.get("image_id"), value.get("layers")
+    if image_id is not None and not (isinstance(image_id, str) and DIGEST_RE.match(image_id)):
+        raise BadRequest("image_id must be sha256: and 64 hex digits")
+    if not isinstance(layers, list) or not all(
+            isinstance(layer, str) and DIGEST_RE.match(layer) for layer in layers):
+        raise BadRequest("layers must be a list of sha256: and 64 hex digits, base first")
+    return image_id, layers
+
+
 def describe(deployment, container):
     """The deployment's public state, from docker's JSON of its container (or None)."""
     if container is None:
@@ -1439,6 +1495,16 @@ class Deployer:
     def _old_and_parked(self, deployment):
         return self._owned_containers(deployment, [deployment.container,
                                                    deployment.parked_container])
+
+    def shared_layers(self, deployment, layers):
+        """How many leading `layers` (diff IDs, base first) the deployment's own images
+        (current and previous) have: the most an upload to it may leave out. No other
+        image is looked at, so the answer says nothing about what else the host holds."""
+        images = self.docker.inspect("image", [deployment.tag("current"),
+                                               deployment.tag("previous")])
+        # The rule check_layers() applies to the upload that follows, with nothing sent.
+        missing = borrowed_layers(layers, frozenset(), [_layers(i) for i in images.values()])
+        return missing[0] if missing else len(layers)
 
     def stream_logs(self, deployment, tail):
         """A generator of the container's last `tail` lines of output, as docker sends them."""
@@ -2058,8 +2124,13 @@ class Response:
     stream: object = None           # a generator of bytes sent instead of body
 
 
+def json_text(value):
+    """edd's JSON as text, the server's answers and `edd.py push --json` alike."""
+    return json.dumps(value, indent=2) + "\n"
+
+
 def json_response(status, value, headers=()):
-    return Response(status, (json.dumps(value, indent=2) + "\n").encode(), headers=headers)
+    return Response(status, json_text(value).encode(), headers=headers)
 
 
 def error_response(exc):
@@ -2136,6 +2207,21 @@ def capped(chunks, limit):
             yield chunk
     finally:
         chunks.close()
+
+
+@route("POST", "/v1/deployments/{name}/layers")
+def layers(app, request, name):
+    """What `edd.py push` asks before an upload: how many leading layers of its image
+    this deployment already has, and whether this engine loads an archive without
+    them. No lock: it only reads, and the upload that follows is checked on its own."""
+    deployment = app.authorize(request.client, name)
+    image_id, wanted = parse_layers_request(request.json_body())
+    state = app.deployer.describe(deployment)
+    layouts = app.deployer.docker.engine.thin_layouts
+    return {"have": app.deployer.shared_layers(deployment, wanted), "layers": len(wanted),
+            "thin": bool(layouts), "thin_layouts": list(layouts),
+            "image_id": state["image_id"], "state": state["state"],
+            "running": state["state"] == "running" and state["image_id"] == image_id}
 
 
 @route("POST", "/v1/deployments/{name}/load", "load")
@@ -2250,17 +2336,29 @@ class Request:
         finally:
             self.app.release(deployment)
 
-    def body_chunks(self):
+    def body_chunks(self, limit=None):
         """Check the upload's framing, answer 100 Continue, and return its chunks."""
         config = self.app.config
-        length = body_length(self.handler.headers, config.max_upload_bytes)
+        limit = limit or config.max_upload_bytes
+        length = body_length(self.handler.headers, limit)
         rfile = PacedReader(self.handler.rfile, self.handler.connection,
                             config.upload_min_bytes_per_second, config.body_timeout_seconds)
-        self.body = (ChunkedBody(rfile, config.max_upload_bytes) if length is None
-                     else LengthBody(rfile, length))
+        self.body = ChunkedBody(rfile, limit) if length is None else LengthBody(rfile, length)
         self.handler.connection.settimeout(config.body_timeout_seconds)
         self.handler.send_continue()
         return self._chunks(config.body_timeout_seconds)
+
+    def json_body(self):
+        """The request's JSON body, decoded; at most MAX_JSON_BODY bytes."""
+        try:
+            raw = b"".join(bytes(chunk) for chunk in self.body_chunks(MAX_JSON_BODY))
+        except PayloadTooLarge:
+            raise PayloadTooLarge("a JSON body may have at most %d bytes"
+                                  % MAX_JSON_BODY) from None
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            raise BadRequest("the body is not JSON: %s" % exc) from None
 
     def _chunks(self, timeout):
         # One buffer for the whole upload: memory stays flat however large it is.
@@ -2986,6 +3084,530 @@ def serve(app, server):
 
 
 # ---------------------------------------------------------------------------
+# Client: edd.py push IMAGE URL
+# ---------------------------------------------------------------------------
+
+DEFAULT_PORT = 8866
+CONTINUE_SECONDS = 2           # a server silent this long after Expect gets the body anyway
+CONNECT_SECONDS = 30
+SEND_SECONDS = 300             # a send that makes no progress this long is a dead host
+ANSWER_SECONDS = 3600          # the host loads, swaps and waits for the gate meanwhile
+REDRAW_SECONDS = 0.5
+
+
+class PushError(Exception):
+    """The push stops here. exit_status 2: nothing was attempted on the host;
+    1: an upload was sent and did not deploy. `answer` is the host's JSON, if any."""
+
+    def __init__(self, message, exit_status=2, answer=None):
+        super().__init__(message)
+        self.exit_status = exit_status
+        self.answer = answer or {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a push goes: https://HOST:PORT/v1/deployments/NAME."""
+    host: str
+    port: int
+    deployment: str
+
+    def path(self, action):
+        return "/v1/deployments/%s/%s" % (self.deployment, action)
+
+
+def parse_target(url):
+    """The Target of `url`; PushError if it is not https://HOST[:PORT]/v1/deployments/NAME."""
+    parts = urllib.parse.urlsplit(url)
+    match = re.match(r"/v1/(?:deployments/)?([a-z0-9._-]+)/?\Z", parts.path)
+    try:
+        port = DEFAULT_PORT if parts.port is None else parts.port
+    except ValueError:      # not a number, or over 65535
+        port = None
+    if parts.scheme != "https" or not parts.hostname or not match or not port \
+            or parts.query or parts.fragment:
+        raise PushError("URL must look like https://HOST:PORT/v1/deployments/NAME, not %r"
+                        % url)
+    return Target(parts.hostname, port, match.group(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalImage:
+    ref: str
+    id: str
+    layers: tuple        # diff IDs, base first
+    size: int            # about the size of its `docker save` archive
+
+
+def local_image(docker, ref):
+    """The client's own image `ref`, as its engine describes it."""
+    image = docker.inspect("image", [ref]).get(ref)
+    if image is None:
+        raise PushError("no image %r here (docker image ls lists the images)" % ref)
+    return LocalImage(ref, image["Id"], tuple((image.get("RootFS") or {}).get("Layers") or ()),
+                      image.get("Size") or 0)
+
+
+class Meter:
+    """What a long push shows: on a terminal, one line on stderr redrawn twice a
+    second (what is going on, bytes, rate, time left); otherwise one line at the end."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.sent = 0               # archive bytes sent, every attempt counted
+        self.send_seconds = 0.0
+        self.activity, self.total, self.count = "starting", None, 0
+        self.started = self.phase_started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = None
+        if self.tty:
+            self._thread = threading.Thread(target=self._redraw, name="progress", daemon=True)
+            self._thread.start()
+
+    def phase(self, activity, total=None):
+        """Start showing `activity`; `total` is the bytes it will count, if known."""
+        now = time.monotonic()
+        if self.activity == "sending":
+            self.send_seconds += now - self.phase_started
+        self.activity, self.total, self.count, self.phase_started = activity, total, 0, now
+
+    def add(self, count):
+        """`count` more bytes done in this phase (and sent, if it is "sending")."""
+        self.count += count
+        if self.activity == "sending":
+            self.sent += count
+
+    def say(self, text):
+        """A line of its own, above the progress line."""
+        self.stream.write(("\r\033[K" if self.tty else "") + "edd push: %s\n" % text)
+        self.stream.flush()
+
+    def line(self):
+        elapsed = max(time.monotonic() - self.phase_started, 1e-6)
+        if not self.count:
+            return "edd push: %s (%d s)" % (self.activity, elapsed)
+        rate = self.count / elapsed
+        text = "edd push: %s %s" % (self.activity, _size(self.count))
+        if self.total:
+            text += " of %s" % _size(self.total)
+        text += ", %s/s" % _size(rate)
+        if self.total and self.total > self.count:
+            text += ", %d s left" % ((self.total - self.count) / rate)
+        return text
+
+    def _redraw(self):
+        while not self._stop.wait(REDRAW_SECONDS):
+            self.stream.write("\r\033[K" + self.line())
+            self.stream.flush()
+
+    def close(self):
+        """Stop redrawing; print the one summary line, if anything was sent."""
+        self.phase("done")
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+            self.stream.write("\r\033[K")
+        if self.sent:
+            self.stream.write("edd push: sent %s in %.1f s (%s/s); %.1f s in all\n" % (
+                _size(self.sent), self.send_seconds,
+                _size(self.sent / max(self.send_seconds, 1e-6)),
+                time.monotonic() - self.started))
+        self.stream.flush()
+
+
+def _size(count):
+    for unit in ("B", "KiB", "MiB"):
+        if count < 1024:
+            return "%.0f %s" % (count, unit) if unit == "B" else "%.1f %s" % (count, unit)
+        count /= 1024.0
+    return "%.2f GiB" % count
+
+
+class _BufferedSocket:
+    """Hands http.client.HTTPResponse the reader that already holds the answer's start."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def makefile(self, mode):
+        return self.reader
+
+
+class Host:
+    """An edd server as the client sees it: one mTLS connection per request."""
+
+    def __init__(self, target, context):
+        self.target = target
+        self.context = context
+
+    def _connect(self):
+        where = "%s:%d" % (self.target.host, self.target.port)
+        try:
+            raw = socket.create_connection((self.target.host, self.target.port),
+                                           timeout=CONNECT_SECONDS)
+        except OSError as exc:
+            raise PushError("cannot connect to %s: %s" % (where, exc.strerror or exc)) from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock = self.context.wrap_socket(raw, server_hostname=self.target.host)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            raw.close()
+            raise PushError("TLS handshake with %s failed: %s" % (where, _tls_reason(exc))
+                            ) from None
+        sock.settimeout(SEND_SECONDS)
+        return sock
+
+    def _head(self, method, action, headers):
+        lines = ["%s %s HTTP/1.1" % (method, self.target.path(action)),
+                 "Host: %s:%d" % (self.target.host, self.target.port),
+                 "User-Agent: edd/%s" % __version__, "Connection: close"]
+        lines += ["%s: %s" % header for header in headers]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def layers(self, image):
+        """The host's answer to /layers for `image`; PushError (2) unless it is 200."""
+        body = json.dumps({"image_id": image.id, "layers": list(image.layers)}).encode()
+        sock = self._connect()
+        with sock, sock.makefile("rb") as reader:
+            try:
+                sock.sendall(self._head("POST", "layers", [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body)))]) + body)
+                status, answer = _read_answer(reader)
+            except OSError as exc:
+                raise PushError("no answer from the host: %s" % _tls_reason(exc)) from None
+        if status != 200:
+            raise PushError(_error_of(status, answer), answer=answer)
+        return answer
+
+    def load(self, chunks, meter):
+        """Upload `chunks` to /load, chunked, after the host says 100 Continue.
+
+        Return (status, answer, sent): `sent` is False when the host answered before
+        taking the body (refused: busy, forbidden), so nothing was attempted."""
+        sock = self._connect()
+        with sock, sock.makefile("rb") as reader:
+            try:
+                sock.sendall(self._head("POST", "load", [
+                    ("Content-Type", "application/x-tar"), ("Transfer-Encoding", "chunked"),
+                    ("Expect", "100-continue")]))
+                if not _wait_continue(sock, reader):
+                    return _read_answer(reader) + (False,)
+                meter.phase("sending", meter.total)
+                try:
+                    for chunk in chunks:
+                        if not len(chunk):
+                            continue        # an empty chunk would end the body
+                        sock.sendall(b"%x\r\n" % len(chunk))
+                        sock.sendall(chunk)
+                        sock.sendall(b"\r\n")
+                        meter.add(len(chunk))
+                    sock.sendall(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass        # the host stopped reading: its answer says why
+                meter.phase("the host loads and deploys")
+                sock.settimeout(ANSWER_SECONDS)
+                return _read_answer(reader) + (True,)
+            except (OSError, http.client.HTTPException) as exc:
+                raise PushError("the connection to the host failed during the upload: %s; "
+                                "GET %s shows what runs" % (exc, self.target.path("")
+                                                              .rstrip("/")),
+                                exit_status=1) from None
+
+
+def _tls_reason(exc):
+    """What went wrong, in words. With TLS 1.3 a host that refuses the client's
+    certificate says so only after the handshake: as an alert, or by closing."""
+    reason = str(getattr(exc, "verify_message", None) or exc)
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError):
+        reason += "; does the host accept this client certificate?"
+    return reason
+
+
+def _wait_continue(sock, reader):
+    """After a request head with Expect: 100-continue: True when the host wants the
+    body (it said 100 Continue, or nothing for CONTINUE_SECONDS), False when its
+    final answer came instead."""
+    if not sock.pending() and not select.select([sock], [], [], CONTINUE_SECONDS)[0]:
+        return True
+    if not re.match(rb"HTTP/1\.[01] 100", reader.peek(12)[:12]):
+        return False
+    while reader.readline(MAX_CHUNK_LINE) not in (b"\r\n", b"\n", b""):
+        pass
+    return True
+
+
+def _read_answer(reader):
+    """(status, JSON answer) of the response waiting in `reader`."""
+    reply = http.client.HTTPResponse(_BufferedSocket(reader))
+    reply.begin()
+    raw = reply.read()
+    try:
+        answer = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        answer = {"error": "HTTP %d: %s" % (reply.status, raw[:200].decode("utf-8", "replace")
+                                            .strip() or reply.reason)}
+    return reply.status, answer
+
+
+def _error_of(status, answer):
+    return "the host answered %d: %s" % (status, answer.get("error") or "no reason given")
+
+
+def layer_gone(status, answer):
+    """Whether a thin upload failed because a layer the host said it had is gone:
+    docker could not find it, or edd refused it as not this deployment's own."""
+    text = str(answer.get("error", "")).lower()
+    return status in (400, 403) and not answer.get("restored") and "layer" in text
+
+
+# -- the archive: docker save, spooled when layers are left out --------------
+
+def saved_chunks(docker, ref):
+    """`docker save ref` streamed straight into the upload, BUFFER_SIZE at a time. If
+    save fails, the upload is cut off before its last chunk, so the host loads nothing
+    and changes nothing: PushError with exit status 2."""
+    process, finish = docker.start_save(ref)
+    buffer = memoryview(bytearray(BUFFER_SIZE))
+    try:
+        while True:
+            count = process.stdout.readinto(buffer)
+            if not count:
+                break
+            yield buffer[:count]
+        returncode = process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    errors = finish()
+    if returncode != 0:
+        raise PushError("docker save %s failed: %s" % (ref, _docker_message(errors.encode())))
+
+
+def spool(docker, ref, meter):
+    """`docker save ref` in an anonymous temporary file (the system's temp folder: it
+    needs the image's size free there, and is gone once closed), read on the way by
+    the archive filter. Return (the file, its Archive)."""
+    spooled = tempfile.TemporaryFile(prefix="edd-push-")
+    meter.phase("saving %s to %s:" % (ref, tempfile.gettempdir()))
+
+    def keep(chunk):
+        spooled.write(chunk)
+        meter.add(len(chunk))
+    try:
+        archive = index_archive(saved_chunks(docker, ref), keep)
+        return spooled, archive
+    except OSError as exc:
+        spooled.close()
+        raise PushError("cannot spool `docker save %s` in %s: %s"
+                        % (ref, tempfile.gettempdir(), exc.strerror or exc)) from None
+    except BaseException:
+        spooled.close()
+        raise
+
+
+class _ArchiveIndex(ArchiveFilter):
+    """The archive filter reading only where members are and what the metadata files
+    say: it passes nothing on and hashes nothing, which halves what spooling costs.
+    LEAD: an `index_only` flag of ArchiveFilter would say the same without this."""
+
+    def _mode_for(self, member):
+        mode = super()._mode_for(member)
+        return "drop" if mode == "pass" else mode
+
+
+def index_archive(chunks, sink=None):
+    """The Archive (members, metadata files) of the tar stream `chunks`, as the
+    archive filter reads it; every chunk is also handed to sink(), if given."""
+    archive = Archive()
+    reader = _ArchiveIndex(archive, strip=False)
+    for chunk in chunks:
+        if sink:
+            sink(chunk)
+        reader.feed(chunk)
+    reader.close()
+    return archive
+
+
+def file_chunks(file):
+    """The file from its start, BUFFER_SIZE at a time."""
+    file.seek(0)
+    buffer = memoryview(bytearray(BUFFER_SIZE))
+    while True:
+        count = file.readinto(buffer)
+        if not count:
+            return
+        yield buffer[:count]
+
+
+def thin_plan(file, archive, image, have, layouts):
+    """The archive members a thin upload leaves out (a set), or the reason it cannot
+    be thin: the host's engine does not load this layout without layers, or the
+    archive's layers are not the ones the host was asked about."""
+    layout = "oci" if "oci-layout" in archive.members else "legacy"
+    if layout not in layouts:
+        return "the host's engine loads only %s archives without layers, this is %s" % (
+            " or ".join(layouts) or "no", layout)
+    entries = read_manifest(archive)
+    config = resolve_member(archive, entries[0]["Config"])
+    if len(entries) != 1 or config is None:
+        return "the saved archive is not one image"
+    layers = layer_diff_ids(entries[0], read_member(file, config))
+    if tuple(diff_id for _, diff_id in layers[:have]) != image.layers[:have]:
+        return "the saved archive's layers differ from `docker image inspect`"
+
+    def members(paths):
+        # A layer may be a link to another's file (legacy layout, a repeated layer):
+        # leave out neither the link nor its target while a kept layer needs them.
+        found = {member_name(path) for path in paths}
+        return found | {m.name for m in map(lambda p: resolve_member(archive, p), paths) if m}
+    return members([p for p, _ in layers[:have]]) - members([p for p, _ in layers[have:]])
+
+
+# -- the push ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Outcome:
+    status: int
+    answer: dict
+    layers_sent: int
+    layers_skipped: int
+    fallback: str = None
+
+
+def push(options, docker, meter):
+    """Deploy the local image options.image to options.url; return the Outcome.
+    Raise PushError when it cannot go on (its exit_status says whether anything was
+    attempted)."""
+    target = parse_target(options.url)
+    context = tls_context(ssl.PROTOCOL_TLS_CLIENT, options.cert, options.key,
+                          options.cacert, "--cert/--key", "--cacert")
+    host = Host(target, context)
+    image = local_image(docker, options.image)
+    meter.phase("asking %s which layers it has" % target.host)
+    answer = host.layers(image)
+    count = len(image.layers)
+    if answer.get("running") and not options.force:
+        return Outcome(200, dict(answer, already_running=True), 0, count)
+    have = 0 if options.full else answer.get("have", 0)
+    if have and not answer.get("thin"):
+        return _upload(host, saved_chunks(docker, image.ref), meter, count, 0,
+                       "the host's engine does not load archives without layers", image.size)
+    if not have:
+        return _upload(host, saved_chunks(docker, image.ref), meter, count, 0,
+                       total=image.size)
+    spooled, archive = spool(docker, image.ref, meter)
+    with spooled:
+        size = os.fstat(spooled.fileno()).st_size
+        plan = thin_plan(spooled, archive, image, have, answer.get("thin_layouts", ()))
+        if isinstance(plan, str):
+            return _upload(host, file_chunks(spooled), meter, count, 0, plan, size)
+        thin = filter_archive(file_chunks(spooled), Archive(), plan, strip=False)
+        outcome = _upload(host, thin, meter, count - have, have)
+        if layer_gone(outcome.status, outcome.answer):
+            reason = "the thin upload failed: %s" % outcome.answer.get("error")
+            return _upload(host, file_chunks(spooled), meter, count, 0, reason, size)
+        return outcome
+
+
+def _upload(host, chunks, meter, layers_sent, layers_skipped, fallback=None, total=None):
+    if fallback:
+        meter.say("sending the whole image, as %s" % fallback)
+    meter.phase("waiting for the host to accept the upload", total)
+    status, answer, sent = host.load(chunks, meter)
+    if not sent:
+        raise PushError(_error_of(status, answer), answer=answer)
+    return Outcome(status, answer, layers_sent, layers_skipped, fallback)
+
+
+def summary(options, outcome):
+    """The short human account of a successful push, for stdout."""
+    answer = outcome.answer
+    name = answer.get("name") or parse_target(options.url).deployment
+    image_id = (answer.get("image_id") or "?")[:19]
+    if answer.get("already_running"):
+        return "%s already runs %s (%s); nothing sent (--force redeploys)" % (
+            name, options.image, image_id)
+    return "%s now runs %s (%s), %s; %d layer%s sent, %d the host had" % (
+        name, options.image, image_id, answer.get("state"), outcome.layers_sent,
+        "" if outcome.layers_sent == 1 else "s", outcome.layers_skipped)
+
+
+class _PushArguments(argparse.ArgumentParser):
+    def error(self, message):
+        raise PushError("%s (edd.py push --help shows the usage)" % message)
+
+
+def push_arguments(argv):
+    parser = _PushArguments(
+        prog="edd.py push",
+        description="Deploy a local image to an edd host, sending only the layers the "
+                    "host's deployment does not already have.",
+        epilog="Exit status: 0 deployed (or already running), 1 the deploy failed (the "
+               "host keeps or restores the old container), 2 nothing was attempted.")
+    parser.add_argument("image", help="a local image: repo:tag or id")
+    parser.add_argument("url", help="https://HOST:PORT/v1/deployments/NAME")
+    parser.add_argument("--cert", default=os.environ.get("EDD_CERT"),
+                        help="client certificate, PEM (default $EDD_CERT)")
+    parser.add_argument("--key", default=os.environ.get("EDD_KEY"),
+                        help="its key, PEM (default $EDD_KEY; none: in the --cert file)")
+    parser.add_argument("--cacert", default=os.environ.get("EDD_CACERT"),
+                        help="CA that signed the host's certificate (default $EDD_CACERT; "
+                             "none: the system's CAs)")
+    parser.add_argument("--full", action="store_true",
+                        help="send every layer, whatever the host has")
+    parser.add_argument("--force", action="store_true",
+                        help="deploy even if the host already runs this image")
+    parser.add_argument("--json", action="store_true",
+                        help="print the host's answer as JSON, with bytes_sent, "
+                             "layers_sent and layers_skipped")
+    options = parser.parse_args(argv)
+    if not options.cert:
+        raise PushError("no client certificate: give --cert FILE or set EDD_CERT")
+    return options
+
+
+def push_main(argv, out=None, err=None, docker=None):
+    """`edd.py push`: return the exit status (0, 1 or 2)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    meter = None
+    options = None
+    try:
+        options = push_arguments(argv)
+        meter = Meter(err)
+        outcome = push(options, docker or Docker(), meter)
+        status = 0 if outcome.status == 200 else 1
+        message = None if status == 0 else _error_of(outcome.status, outcome.answer)
+        answer = dict(outcome.answer, bytes_sent=meter.sent, layers_sent=outcome.layers_sent,
+                      layers_skipped=outcome.layers_skipped)
+        if outcome.fallback:
+            answer["fallback"] = outcome.fallback
+    except (PushError, ConfigError, EddError) as exc:
+        status = getattr(exc, "exit_status", 2)
+        message = str(exc)
+        answer = dict(getattr(exc, "answer", None) or {"error": message})
+        if meter:
+            answer.update(bytes_sent=meter.sent)
+    except KeyboardInterrupt:
+        status, message, answer = 1 if meter and meter.sent else 2, "interrupted", {}
+    if meter:
+        meter.close()
+    if options is not None and options.json:
+        out.write(json_text(answer))
+    elif status == 0:
+        out.write(summary(options, outcome) + "\n")
+    if message:
+        print("edd push: error: %s" % message, file=err)
+        for line in (answer.get("log") or "").splitlines():
+            print("  | " + line, file=err)
+    return status
+
+
+# ---------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------
 
@@ -3009,8 +3631,12 @@ def check(path):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["push"]:
+        return push_main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="edd", description="Deploy container images pushed over mutual TLS.")
+        prog="edd", description="Deploy container images pushed over mutual TLS.",
+        epilog="`edd.py push --help`: the client, which sends only the layers a host lacks.")
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="config file (default %(default)s)")
     parser.add_argument("--check", action="store_true",

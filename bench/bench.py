@@ -6,6 +6,8 @@ Runs on one machine with a Docker engine, everything on 127.0.0.1:
     python3 bench/bench.py                    64 MiB and 256 MiB images (~3 min)
     python3 bench/bench.py --full             adds 1 GiB (~6 min)
     python3 bench/bench.py --sizes 1G --rounds 5 --verbose --json out.json
+    python3 bench/bench.py --thin             edd push vs curl vs ssh for a redeploy
+                                              that changes one layer (issue 12, ~4 min)
 
 It builds images with an incompressible random layer, saves each to a file once,
 and pushes that file three ways, cold every time (the image and its layer removed
@@ -38,6 +40,7 @@ import argparse
 import contextlib
 import datetime
 import http.client
+import importlib.util
 import json
 import math
 import os
@@ -62,7 +65,10 @@ SSHD = "/usr/sbin/sshd"
 MIB = 1 << 20
 GIB = 1 << 30
 
-DEPLOYMENT = "bench"
+# Unique per run: helpers and CI may run benches on one engine at the same time,
+# and a bench removes its deployment's containers when it ends.
+RUN_ID = os.urandom(3).hex()
+DEPLOYMENT = "bench-" + RUN_ID
 BENCH_CONTAINERS = ("eddbench-local", "eddbench-ssh", "eddbench-stop")
 EDD_CONTAINERS = (DEPLOYMENT, DEPLOYMENT + ".edd-old")
 EDD_TAGS = ("edd/%s:current" % DEPLOYMENT, "edd/%s:previous" % DEPLOYMENT)
@@ -845,6 +851,345 @@ def measure_stop_time(image, count):
 
 
 # ---------------------------------------------------------------------------
+# Thin push (issue 12): redeploy a v2 that shares its base with the running v1
+# ---------------------------------------------------------------------------
+#
+# `--thin` runs this instead of the measurements above. v1 and v2 are a base
+# (busybox and an incompressible file of the size measured) plus a 16 MiB
+# incompressible application layer that differs between them, built as users
+# build: docker create BASE, docker cp, docker commit. Before every timed run the
+# host runs v1 (edd's deployment, and a container for the ssh way) and has no
+# trace of v2; then v2 is deployed three ways:
+#
+#     thin   edd.py push v2 https://127.0.0.1:PORT/v1/deployments/bench
+#     full   cat v2.tar | curl ... -T - .../load         (today's push)
+#     ssh    cat v2.tar | ssh docker load; ssh docker rm -f ... && docker run ...
+#
+# Host and client share this machine's engine, so the client's engine is stood in
+# for by a `docker` wrapper that answers `image inspect` for v2 from a recorded
+# copy and `save` with `cat v2.tar`, as the other two ways read the same file;
+# everything else goes to the real docker. Over a simulated uplink, traffic to
+# edd's and sshd's ports on `lo` goes through an htb class of UPLINK_RATE (tc,
+# u32 on the destination port); the class's byte counter gives the bytes on the
+# wire. The qdisc is always removed afterwards (finally, and `make bench` traps).
+
+APP_LAYER_BYTES = 16 * MIB
+UPLINK_RATE = "100mbit"
+TC_HANDLE = "edd:"            # 0xedd; a root qdisc with this handle is the bench's own
+THIN_TARGETS = {"thin_extra_bytes": MIB, "shaped_ratio": 0.25, "overhead": 1.3}
+SSH_CONTAINER = "eddbench-ssh-" + RUN_ID
+THIN_METHODS = ["thin", "full", "ssh"]
+
+
+def tc(*args, check=True):
+    return run(["tc"] + list(args), check=check)
+
+
+@contextlib.contextmanager
+def shaped_uplink(ports, rate):
+    """Shape the traffic to `ports` on lo to `rate` while the block runs; yield a
+    function that returns the bytes sent through the shaped class so far."""
+    shown = tc("qdisc", "show", "dev", "lo").stdout
+    if "htb %s" % TC_HANDLE in shown:
+        progress("removing a qdisc left on lo by an earlier bench run")
+        tc("qdisc", "del", "dev", "lo", "root")
+    elif "qdisc noqueue 0: root" not in tc("qdisc", "show", "dev", "lo").stdout:
+        raise BenchError("lo already has a root qdisc, someone else's; not touching it:\n"
+                         + shown)
+    try:
+        tc("qdisc", "add", "dev", "lo", "root", "handle", TC_HANDLE, "htb")
+        tc("class", "add", "dev", "lo", "parent", TC_HANDLE, "classid", TC_HANDLE + "1",
+           "htb", "rate", rate, "ceil", rate)
+        for port in ports:
+            tc("filter", "add", "dev", "lo", "parent", TC_HANDLE, "protocol", "ip", "prio",
+               "1", "u32", "match", "ip", "dport", str(port), "0xffff",
+               "flowid", TC_HANDLE + "1")
+
+        def sent_bytes():
+            stats = tc("-s", "class", "show", "dev", "lo", "classid", TC_HANDLE + "1").stdout
+            return int(re.search(r"Sent (\d+) bytes", stats).group(1))
+        yield sent_bytes
+    finally:
+        tc("qdisc", "del", "dev", "lo", "root", "handle", TC_HANDLE, check=False)
+
+
+def commit_app(base_tag, tag, page, app_bytes):
+    """`tag` = base_tag plus one layer: /www/index.html = page and app_bytes of noise."""
+    container = docker("create", base_tag).stdout.strip()
+    try:
+        copier = subprocess.Popen(["docker", "cp", "-", container + ":/"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        with tarfile.open(fileobj=copier.stdin, mode="w|", copybufsize=MIB) as tar:
+            encoded = page.encode()
+            _add(tar, "www/index.html", BytesFile(encoded), len(encoded))
+            _add(tar, "app", kind=tarfile.DIRTYPE, mode=0o755)
+            _add(tar, "app/app.bin", RandomFile(app_bytes), app_bytes)
+        out, err = copier.communicate()
+        if copier.returncode != 0:
+            raise BenchError("docker cp into %s failed: %s" % (container, err.decode()))
+        docker("commit", "-c", "CMD " + json.dumps(PROMPT_STOP_CMD), container, tag)
+    finally:
+        docker("rm", "-f", container, check=False)
+
+
+class LayeredPair:
+    """v1 and v2 sharing a base of `base_bytes`; v1 stays in the engine, v2 only as a
+    saved archive (and its recorded `docker image inspect`)."""
+
+    def __init__(self, workdir, base_bytes, methods):
+        label = size_label(base_bytes).lower()
+        base = build_image(workdir, "eddbench/base-%s:1" % label, base_bytes, "base\n")
+        methods.images.append(base)
+        docker("load", "-i", base.archive)
+        self.images = []
+        for version in (1, 2):
+            tag = "eddbench/app-%s:v%d" % (label, version)
+            methods.tags.add(tag)
+            page = "eddbench app %s v%d\n" % (label, version)
+            commit_app(base.tag, tag, page, APP_LAYER_BYTES)
+            archive = os.path.join(workdir, "app-%s-v%d.tar" % (label, version))
+            docker("save", "-o", archive, tag)
+            self.images.append(Image(tag, archive, page))
+        self.v1, self.v2 = self.images
+        methods.images += self.images
+        self.inspect = os.path.join(workdir, "app-%s-v2.inspect.json" % label)
+        with open(self.inspect, "w") as file:
+            file.write(docker("image", "inspect", self.v2.tag).stdout)
+        with tarfile.open(self.v2.archive) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))
+            self.app_layer = tar.getmember(manifest[0]["Layers"][-1]).size
+        docker("rmi", "-f", self.v2.id)
+
+    def client_docker(self, folder):
+        """A folder with the stand-in `docker` of the client (see above) for PATH."""
+        os.makedirs(folder, exist_ok=True)
+        real = shutil.which("docker")
+        with open(os.path.join(folder, "docker"), "w") as script:
+            script.write(
+                '#!/bin/sh\n'
+                'if [ "$1 $2 $3" = "image inspect %s" ]; then exec cat %s; fi\n'
+                'if [ "$1 $2" = "save %s" ]; then exec cat %s; fi\n'
+                'exec %s "$@"\n' % (self.v2.tag, self.inspect, self.v2.tag, self.v2.archive,
+                                     real))
+        os.chmod(os.path.join(folder, "docker"), 0o755)
+        return folder
+
+
+def edd_post(edd, path):
+    conn = http.client.HTTPSConnection("127.0.0.1", edd.port, context=edd.tls, timeout=120)
+    try:
+        conn.request("POST", path)
+        reply = conn.getresponse()
+        body = reply.read()
+        if reply.status != 200:
+            raise BenchError("POST %s answered %d: %s" % (path, reply.status, body[-2000:]))
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+class ThinRuns:
+    """The three ways to deploy v2 over a running v1, and the reset between runs."""
+
+    def __init__(self, methods, pair, args, client_bin, ssh_app_port):
+        self.methods, self.pair = methods, pair
+        self.python, self.program = args.python, os.path.abspath(args.edd)
+        self.edd, self.sshd = methods.edd, methods.sshd
+        self.ssh_app_port = ssh_app_port
+        pki = self.edd.pki
+        self.env = dict(os.environ, PATH=client_bin + os.pathsep + os.environ["PATH"],
+                        EDD_CERT=os.path.join(pki, "client.crt"),
+                        EDD_KEY=os.path.join(pki, "client.key"),
+                        EDD_CACERT=os.path.join(pki, "ca.crt"))
+        self.ssh_run = ("docker rm -f %s >/dev/null 2>&1; docker run -d --name %s -p "
+                        "127.0.0.1:%d:8000 %%s" % (SSH_CONTAINER, SSH_CONTAINER, ssh_app_port))
+
+    def start(self):
+        """First deploys of v1, not timed: edd's deployment and the ssh container."""
+        self.methods.edd_push(self.pair.v1)
+        run(["sh", "-c", self.ssh_run % self.pair.v1.tag])
+        self.reset()
+
+    def reset(self):
+        """Back to: edd and the ssh container run v1, and the engine has no v2."""
+        path = "/v1/deployments/%s" % DEPLOYMENT
+        if self.edd.get(path)[1].get("image_id") != self.pair.v1.id:
+            edd_post(self.edd, path + "/rollback")
+        run(["sh", "-c", self.ssh_run % self.pair.v1.tag])
+        docker("rmi", "-f", self.pair.v2.id, check=False)
+        if docker("image", "inspect", self.pair.v2.id, check=False).returncode == 0:
+            raise BenchError("could not remove v2 before a run")
+        expect_page(self.methods.app_port, self.pair.v1.page)
+        os.sync()
+
+    def via_thin(self):
+        """(seconds, archive bytes sent)"""
+        started = time.monotonic()
+        done = run([self.python, self.program, "push", "--json", self.pair.v2.tag,
+                    "%s/v1/deployments/%s" % (self.edd.url, DEPLOYMENT)], check=False,
+                   env=self.env)
+        seconds = time.monotonic() - started
+        if done.returncode != 0:
+            raise BenchError("deploy failed: edd push: exit %d: %s %s\nedd log:\n%s" % (
+                done.returncode, done.stdout[-2000:], done.stderr[-2000:],
+                self.edd.log_tail()))
+        answer = json.loads(done.stdout)
+        if answer.get("image_id") != self.pair.v2.id or answer.get("fallback"):
+            raise BenchError("edd push did not deploy v2 thin: %s" % done.stdout[-2000:])
+        return seconds, answer["bytes_sent"], self.methods.app_port
+
+    def via_full(self):
+        return self.methods.edd_push(self.pair.v2)[0], self.pair.v2.size, self.methods.app_port
+
+    def via_ssh(self):
+        started = time.monotonic()
+        status, out, err = pipe_file(self.pair.v2.archive, self.sshd.ssh_argv("docker", "load"))
+        if status != 0:
+            raise BenchError("deploy failed: ssh docker load: exit %d: %s" % (status, err))
+        run(self.sshd.ssh_argv(self.ssh_run % self.pair.v2.tag))
+        return time.monotonic() - started, self.pair.v2.size, self.ssh_app_port
+
+
+def measure_thin(runs, rounds, label, wire_bytes=None):
+    """`rounds` of each way to deploy v2, in rotating order; {method: [record]}."""
+    records = {name: [] for name in THIN_METHODS}
+    for index in range(rounds):
+        rotated = THIN_METHODS[index % 3:] + THIN_METHODS[:index % 3]
+        for name in rotated:
+            runs.reset()
+            before = wire_bytes() if wire_bytes else None
+            seconds, body, port = getattr(runs, "via_" + name)()
+            wire = wire_bytes() - before if wire_bytes else None
+            expect_page(port, runs.pair.v2.page)
+            records[name].append({"seconds": seconds, "body_bytes": body, "wire_bytes": wire})
+        progress("%s round %d: %s" % (label, index + 1, ", ".join(
+            "%s %.2f s" % (name, records[name][-1]["seconds"]) for name in THIN_METHODS)))
+    return records
+
+
+def load_edd_module(program):
+    spec = importlib.util.spec_from_file_location("edd_under_test", program)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_client_overhead(pair, rounds, program):
+    """Seconds of a bare `docker save v2 > /dev/null` and of what edd push does in its
+    place (save to its temporary file, read the archive, filter out the base), in
+    alternation; v2 loaded in the engine for it and removed afterwards."""
+    edd = load_edd_module(program)
+    docker("load", "-i", pair.v2.archive)
+    bare, client = [], []
+    try:
+        with open(os.devnull, "w") as devnull:
+            for _ in range(rounds):
+                started = time.monotonic()
+                run(["sh", "-c", "docker save %s > /dev/null" % pair.v2.tag])
+                bare.append(time.monotonic() - started)
+                started = time.monotonic()
+                local = edd.local_image(edd.Docker(), pair.v2.tag)
+                spooled, archive = edd.spool(edd.Docker(), pair.v2.tag, edd.Meter(devnull))
+                with spooled:
+                    plan = edd.thin_plan(spooled, archive, local, len(local.layers) - 1,
+                                         ("legacy", "oci"))
+                    for _ in edd.filter_archive(edd.file_chunks(spooled), edd.Archive(), plan,
+                                                strip=False):
+                        pass
+                client.append(time.monotonic() - started)
+    finally:
+        docker("rmi", "-f", pair.v2.id, check=False)
+    return {"bare": bare, "client": client}
+
+
+def spread(values):
+    return "%.2f [%.2f-%.2f]" % (median(values), min(values), max(values))
+
+
+def thin_report(results, rounds, machine):
+    out = [machine, "load before: %s; after: %s" % (results["loadavg"][0], results["loadavg"][-1]),
+           "", "Redeploy of v2 over a running v1 (same base, new %d MiB layer); %d rounds, "
+           "seconds as median [min-max]" % (APP_LAYER_BYTES // MIB, rounds),
+           "%-9s %-5s %-6s %-20s %12s %12s" % ("link", "base", "way", "seconds", "body MiB",
+                                               "wire MiB")]
+    checks = []
+    for (link, label), records in results["runs"].items():
+        for name in THIN_METHODS:
+            seconds = [r["seconds"] for r in records[name]]
+            body = median([r["body_bytes"] for r in records[name]])
+            wires = [r["wire_bytes"] for r in records[name] if r["wire_bytes"] is not None]
+            out.append("%-9s %-5s %-6s %-20s %12.2f %12s" % (
+                link, label, name, spread(seconds), body / MIB,
+                "%.2f" % (median(wires) / MIB) if wires else "-"))
+        thin = median([r["seconds"] for r in records["thin"]])
+        full = median([r["seconds"] for r in records["full"]])
+        app = results["app_layer"][label]
+        sent = max([r["body_bytes"] for r in records["thin"]] +
+                   [r["wire_bytes"] for r in records["thin"] if r["wire_bytes"] is not None])
+        checks.append(("%s %s: thin bytes <= app layer + 1 MiB" % (link, label),
+                       sent <= app + THIN_TARGETS["thin_extra_bytes"],
+                       "%.2f MiB, app layer %.2f MiB" % (sent / MIB, app / MIB)))
+        if link == "loopback":
+            checks.append(("loopback %s: thin no slower than full" % label, thin <= full,
+                           "%.2f s vs %.2f s" % (thin, full)))
+        elif label == "256m":
+            checks.append(("%s 256m: thin <= %.2f x full" % (link, THIN_TARGETS["shaped_ratio"]),
+                           thin <= THIN_TARGETS["shaped_ratio"] * full, "%.3f" % (thin / full)))
+    for label, overhead in results["overhead"].items():
+        ratio = median([c / b for c, b in zip(overhead["client"], overhead["bare"])])
+        out.append("client at %s: docker save > /dev/null %s s; edd push's save + filter %s s"
+                   % (label, spread(overhead["bare"]), spread(overhead["client"])))
+        checks.append(("client overhead at %s <= %.1f x docker save" % (
+            label, THIN_TARGETS["overhead"]), ratio <= THIN_TARGETS["overhead"], "%.2f" % ratio))
+    out += ["", "Targets (issue 12)"]
+    out += ["  %-6s %-48s %s" % ("ok" if met else "MISSED", target, measured)
+            for target, met, measured in checks]
+    return "\n".join(out)
+
+
+def loadavg():
+    with open("/proc/loadavg") as file:
+        return " ".join(file.read().split()[:3])
+
+
+def thin_bench(args, cleanup, workdir, scratch, methods):
+    """Issue 12's benchmark; see the comment at the top of this section."""
+    if shutil.which("tc") is None and not args.no_shaping:
+        raise BenchError("tc is not installed (iproute2); or pass --no-shaping")
+    bases = [256 * MIB] + ([GIB] if args.full else [])
+    edd, sshd, machine = start_servers(args, cleanup, scratch, methods)
+    results = {"runs": {}, "app_layer": {}, "overhead": {}, "loadavg": [loadavg()]}
+    ssh_app_port = free_port()
+    cleanup.callback(docker, "rm", "-f", SSH_CONTAINER, check=False)
+    for base in bases:
+        label = size_label(base).lower()
+        progress("%s: building v1 and v2" % label)
+        pair = LayeredPair(workdir, base, methods)
+        results["app_layer"][label] = pair.app_layer
+        runs = ThinRuns(methods, pair, args,
+                        pair.client_docker(os.path.join(scratch, "client-bin")), ssh_app_port)
+        runs.start()
+        results["runs"][("loopback", label)] = measure_thin(runs, args.rounds,
+                                                            "loopback " + label)
+        if not args.no_shaping:
+            with shaped_uplink([edd.port, sshd.port], UPLINK_RATE) as wire_bytes:
+                results["runs"][(UPLINK_RATE, label)] = measure_thin(
+                    runs, args.rounds, UPLINK_RATE + " " + label, wire_bytes)
+        runs.reset()
+        progress("%s: client overhead" % label)
+        results["overhead"][label] = measure_client_overhead(pair, args.rounds,
+                                                             os.path.abspath(args.edd))
+        results["loadavg"].append(loadavg())
+    print(thin_report(results, args.rounds, machine))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(dict(results, machine=machine, runs={
+                "%s %s" % key: value for key, value in results["runs"].items()}), file, indent=1)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------
 
@@ -1015,7 +1360,13 @@ def parse_args(argv):
                                      "over ssh (see the module docstring).")
     parser.add_argument("--sizes", type=lambda text: [parse_size(s) for s in text.split(",")],
                         help="image sizes, e.g. 64M,256M,1G (default 64M,256M)")
-    parser.add_argument("--full", action="store_true", help="also push a 1 GiB image")
+    parser.add_argument("--full", action="store_true",
+                        help="also push a 1 GiB image (with --thin: also a 1 GiB base)")
+    parser.add_argument("--thin", action="store_true",
+                        help="instead, issue 12's benchmark: redeploying v2 over v1 with "
+                             "edd push, curl and ssh, on loopback and a 100 Mbit/s uplink")
+    parser.add_argument("--no-shaping", action="store_true",
+                        help="with --thin: skip the simulated uplink (which needs tc)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="cold runs of each method per size (default 5)")
     parser.add_argument("--small-pushes", type=int, default=10,
@@ -1057,6 +1408,21 @@ def check_tools(args):
     docker("info", "--format", "{{.ServerVersion}}", timeout=30)
 
 
+def start_servers(args, cleanup, scratch, methods):
+    """A PKI, sshd and edd for `methods`; return (edd, sshd, the machine line)."""
+    pki = make_pki(os.path.join(scratch, "pki"))
+    sshd = Sshd(os.path.join(scratch, "ssh"))
+    cleanup.callback(sshd.stop)
+    edd = Edd(scratch, pki, args.python, methods.app_port, os.path.abspath(args.edd))
+    cleanup.callback(edd.stop)
+    methods.edd, methods.sshd = edd, sshd
+    machine = machine_line(args.python, sshd)
+    if os.path.abspath(args.edd) != EDD:
+        machine += "; measuring " + os.path.abspath(args.edd)
+    progress(machine)
+    return edd, sshd, machine
+
+
 def bench(args, cleanup):
     check_tools(args)
     if args.workdir:
@@ -1070,6 +1436,8 @@ def bench(args, cleanup):
     app_port = free_port()
     methods = Methods(app_port)
     cleanup.callback(methods.clean_up)
+    if args.thin:
+        return thin_bench(args, cleanup, workdir, scratch, methods)
 
     progress("building images in %s" % workdir)
     wanted = [("eddbench/small:v%d" % n, SMALL_SIZE, "eddbench small v%d\n" % n)
@@ -1082,16 +1450,7 @@ def bench(args, cleanup):
     small = methods.images[:2]
     large = dict(zip(args.sizes, methods.images[2:]))
 
-    pki = make_pki(os.path.join(scratch, "pki"))
-    sshd = Sshd(os.path.join(scratch, "ssh"))
-    cleanup.callback(sshd.stop)
-    edd = Edd(scratch, pki, args.python, app_port, os.path.abspath(args.edd))
-    cleanup.callback(edd.stop)
-    methods.edd, methods.sshd = edd, sshd
-    machine = machine_line(args.python, sshd)
-    if os.path.abspath(args.edd) != EDD:
-        machine += "; measuring " + os.path.abspath(args.edd)
-    progress(machine)
+    edd, sshd, machine = start_servers(args, cleanup, scratch, methods)
 
     progress("warm-up: one small deploy each way")
     for name in ("edd", "local", "ssh"):
@@ -1139,6 +1498,7 @@ def main(argv=None):
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)       # a closed terminal still cleans up
     try:
         with contextlib.ExitStack() as cleanup:
             return bench(args, cleanup)
