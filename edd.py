@@ -693,16 +693,14 @@ class Docker:
         there: a push to podman needs the archive's size free there, on top of
         the unpacked layers in its storage."""
         process = self._popen(["load"], subprocess.PIPE)
-        try:
-            fcntl.fcntl(process.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass    # a smaller pipe only costs a few more context switches
+        _widen_pipe(process.stdin)
         return process, _drain(process.stdout, "docker-load-output")
 
     def start_save(self, ref):
         """Start `docker save ref`, the archive on its stdout; its stderr is drained by a
         thread. Return (process, finish): finish() gives stderr once stdout is read."""
         process = self._popen(["save", ref], subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _widen_pipe(process.stdout)
         return process, _drain(process.stderr, "docker-save-errors")
 
     def loaded_refs(self, output):
@@ -714,6 +712,14 @@ class Docker:
             refs = [ref[len("localhost/"):] if ref.startswith("localhost/") else ref
                     for ref in refs]
         return refs
+
+
+def _widen_pipe(pipe):
+    """Ask the kernel for a PIPE_SIZE pipe: fewer, larger reads and writes."""
+    try:
+        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass    # a smaller pipe only costs a few more context switches
 
 
 def _drain(stream, name):
@@ -3414,11 +3420,12 @@ def spool(docker, ref, meter):
     """`docker save ref` in an anonymous temporary file (the system's temp folder: it
     needs the image's size free there, and is gone once closed), read on the way by
     the archive filter. Return (the file, its Archive)."""
-    spooled = tempfile.TemporaryFile(prefix="edd-push-")
+    # Unbuffered: the chunks are large already, and a copy per GiB costs 0.1 s.
+    spooled = tempfile.TemporaryFile(prefix="edd-push-", buffering=0)
     meter.phase("saving %s to %s:" % (ref, tempfile.gettempdir()))
 
     def keep(chunk):
-        spooled.write(chunk)
+        _write_all(spooled.fileno(), chunk)
         meter.add(len(chunk))
     try:
         archive = index_archive(saved_chunks(docker, ref), keep)
