@@ -10,6 +10,11 @@ is the client; `edd.py push --help`):
 
     edd.py push website:latest https://host:8866/v1/deployments/website
 
+Several URLs (or --targets FILE) make a rollout: every host is asked first and
+none changes unless all answer; then one at a time (--parallel N), and if a
+deploy fails, the hosts this push already updated are rolled back to exactly
+the image they ran before (see "Many hosts" in README.md).
+
 The upload streams into `docker load`; edd then swaps the deployment's container
 for one running the new image, with the `docker run` options fixed in the host's
 config. Promise: after a push, the new image runs and passed its health gate, or
@@ -21,6 +26,7 @@ API (JSON in and out; errors are {"error": "..."}):
     POST|PUT   /v1/deployments/NAME/load           body: docker save archive (.tar, .tar.gz)
     POST       /v1/deployments/NAME/layers         body: {"image_id", "layers"}: how many
                                                    leading layers its own images have
+                                                   (409 while the deployment is busy)
     POST       /v1/deployments/NAME/start|stop|restart|rollback
     DELETE     /v1/deployments/NAME                stop and remove the container
     GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text,
