@@ -3662,7 +3662,8 @@ def push_arguments(argv):
                         help="deploy even if the host already runs this image")
     parser.add_argument("--json", action="store_true",
                         help="print the host's answer as JSON, with bytes_sent, "
-                             "layers_sent and layers_skipped")
+                             "layers_sent and layers_skipped (a rollout: its report, "
+                             "an array with one object per target)")
     # Intermixed: options may come between the URLs, as in `push IMG URL --json URL`.
     options = parser.parse_intermixed_args(argv)
     if options.targets:
