@@ -3874,7 +3874,7 @@ def run_rollout(steps, saved, options, err, stop):
     return set()
 
 
-def roll_back(steps, stop):
+def roll_back(steps, stop, err):
     """Put each target this push updated back on the image it ran before, last
     updated first, through its host's gate: POST rollback (or DELETE, for a target
     that had no container, stop for one that was not running); then check that the
@@ -3883,6 +3883,8 @@ def roll_back(steps, stop):
         if stop.is_set():
             step.error = "interrupted before its rollback"
             continue
+        print("edd push: %s: rolling back to %s" % (step.host.target, _short(step.before)),
+              file=err)
         if step.before is None:
             calls = [("DELETE", None)]
         else:
@@ -3969,8 +3971,6 @@ def rollout_main(options, out, err, docker):
         print("edd push: asking %d targets which layers they have" % len(steps), file=err)
         preflight(steps, image)
         if stop.is_set() or any(s.refused for s in steps):
-            for step in steps:
-                step.refused = step.refused or ("interrupted" if stop.is_set() else None)
             _print_report(steps, options, out, err, "nothing was changed anywhere: %s"
                           % ("interrupted" if stop.is_set() else "the preflight failed"),
                           preflight_only=True)
@@ -3984,7 +3984,7 @@ def rollout_main(options, out, err, docker):
                          "this deploy by itself: GET %s shows which" % step.url
         failed = any(s.outcome not in ("deployed", "already running") for s in steps)
         if failed and not options.no_rollback and not in_flight:
-            roll_back(steps, stop)
+            roll_back(steps, stop, err)
     summary_line = fleet_summary(steps, options, stop.is_set())
     _print_report(steps, options, out, err, summary_line)
     if not failed:
