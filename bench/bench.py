@@ -7,7 +7,7 @@ Runs on one machine with a Docker engine, everything on 127.0.0.1:
     python3 bench/bench.py --full             adds 1 GiB (~6 min)
     python3 bench/bench.py --sizes 1G --rounds 5 --verbose --json out.json
     python3 bench/bench.py --thin             edd push vs curl vs ssh for a redeploy
-                                              that changes one layer (issue 12, ~4 min)
+                                              that changes one layer (issue 12, ~10 min)
 
 It builds images with an incompressible random layer, saves each to a file once,
 and pushes that file three ways, cold every time (the image and its layer removed
