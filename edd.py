@@ -10,6 +10,11 @@ is the client; `edd.py push --help`):
 
     edd.py push website:latest https://host:8866/v1/deployments/website
 
+Several URLs (or --targets FILE) make a rollout: every host is asked first and
+none changes unless all answer; then one at a time (--parallel N), and if a
+deploy fails, the hosts this push already updated are rolled back to exactly
+the image they ran before (see "Many hosts" in README.md).
+
 The upload streams into `docker load`; edd then swaps the deployment's container
 for one running the new image, with the `docker run` options fixed in the host's
 config. Promise: after a push, the new image runs and passed its health gate, or
@@ -26,6 +31,7 @@ API (JSON in and out; errors are {"error": "..."}):
     POST|PUT   /v1/deployments/NAME/load           body: docker save archive (.tar, .tar.gz)
     POST       /v1/deployments/NAME/layers         body: {"image_id", "layers"}: how many
                                                    leading layers its own images have
+                                                   (409 while the deployment is busy)
     POST       /v1/deployments/NAME/start|stop|restart|rollback
     DELETE     /v1/deployments/NAME                stop and remove the container
     GET        /v1/deployments/NAME/logs?tail=N    the container's recent output (text,
@@ -71,6 +77,7 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import re
 import secrets
 import select
@@ -514,6 +521,11 @@ class Engine:
         return {"classic": ("legacy", "oci"), "containerd": ("oci",)}.get(self.image_store, ())
 
     @property
+    def thin_layouts(self):
+        """thin_archives as the archive layouts ("legacy", "oci") that /layers names."""
+        return {True: ("legacy", "oci"), "oci-layout": ("oci",)}.get(self.thin_archives, ())
+
+    @property
     def runs_healthchecks(self):
         """podman runs HEALTHCHECKs from systemd timers: with no systemd to reach
         (containers, minimal VMs) a health status stays "starting" for ever."""
@@ -734,19 +746,17 @@ class Docker:
             time.sleep(POLL_SECONDS)
         raise error
 
-    def _spawn(self, args, **pipes):
-        """Start docker with `args` and the given pipes; return the Popen."""
+    def _popen(self, args, stdin, stderr=subprocess.STDOUT):
+        """Start docker with `args`, its stdout a pipe (stderr merged into it unless
+        `stderr` says otherwise)."""
         argv = [self.command] + list(args)
         log.debug("docker: %s", " ".join(argv))
         try:
-            return subprocess.Popen(argv, bufsize=0, **pipes)
+            return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=stderr, bufsize=0)
         except OSError as exc:
             raise DockerError("cannot run the docker CLI %s: %s"
                               % (self.command, exc.strerror or exc)) from None
-
-    def _popen(self, args, stdin):
-        """Start docker with `args`, its stdout and stderr merged into one pipe."""
-        return self._spawn(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     @staticmethod
     def _output(process, timer, size):
@@ -797,8 +807,7 @@ class Docker:
         (/var/tmp unless containers.conf or TMPDIR say otherwise) and loads from
         there: a push to podman needs the archive's size free there, on top of
         the unpacked layers in its storage."""
-        process = self._spawn(["load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
+        process = self._popen(["load"], subprocess.PIPE)
         _widen_pipe(process.stdin)
         return process, _drain(process.stdout, "docker-load-output")
 
@@ -815,10 +824,19 @@ class Docker:
     def start_save(self, ref):
         """Start `docker save ref`, the archive on its stdout; its stderr is drained by a
         thread. Return (process, finish): finish() gives stderr once stdout is read."""
-        process = self._spawn(["save", ref], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        process = self._popen(["save", ref], subprocess.DEVNULL, stderr=subprocess.PIPE)
         _widen_pipe(process.stdout)
         return process, _drain(process.stderr, "docker-save-errors")
+
+    def loaded_refs(self, output):
+        """The images a finished `load` printed, as names this engine resolves."""
+        refs = parse_load_output(output)
+        if self.engine.kind == "podman":
+            # podman qualifies names (localhost/website:latest) and prints an
+            # archive without names as its bare id (sha256:HEX, as docker does).
+            refs = [ref[len("localhost/"):] if ref.startswith("localhost/") else ref
+                    for ref in refs]
+        return refs
 
 
 def _widen_pipe(pipe):
@@ -2609,11 +2627,20 @@ class App:
         """Mark the deployment busy with `what`, here and for other edd processes that
         share state_dir; raise Conflict if it already is."""
         with self._busy_lock:
-            if deployment.name in self._busy:
-                raise Conflict("deployment %r is busy: %s" % (deployment.name,
-                                                             self._busy[deployment.name][0]))
+            self._refuse_if_busy(deployment)
             lock = lock_deployment(self.config.state_dir, deployment.name)
             self._busy[deployment.name] = (what, lock)
+
+    def check_free(self, deployment):
+        """Conflict if the deployment is busy now: what a rollout's preflight asks of
+        /layers, so that a push meeting another one changes nothing anywhere."""
+        with self._busy_lock:
+            self._refuse_if_busy(deployment)
+
+    def _refuse_if_busy(self, deployment):
+        if deployment.name in self._busy:
+            raise Conflict("deployment %r is busy: %s" % (deployment.name,
+                                                         self._busy[deployment.name][0]))
 
     def release(self, deployment):
         with self._busy_lock:
@@ -2927,9 +2954,11 @@ def capped(chunks, limit):
 def layers(app, request, name):
     """What `edd.py push` asks before an upload: how many leading layers of its image
     this deployment already has, and whether this engine loads an archive without
-    them. No lock: it only reads, and the upload that follows is checked on its own."""
+    them. No lock: it only reads, and the upload that follows is checked on its own;
+    but a deployment busy right now is a Conflict, as the upload would be."""
     deployment = app.authorize(request.client, name)
     image_id, wanted = parse_layers_request(request.json_body())
+    app.check_free(deployment)
     state = app.deployer.describe(deployment)
     layouts = app.deployer.docker.engine.thin_layouts
     return {"have": app.deployer.shared_layers(deployment, wanted), "layers": len(wanted),
@@ -3849,8 +3878,11 @@ class Target:
     port: int
     deployment: str
 
-    def path(self, action):
-        return "/v1/deployments/%s/%s" % (self.deployment, action)
+    def path(self, action=None):
+        return "/v1/deployments/%s" % self.deployment + ("/" + action if action else "")
+
+    def __str__(self):
+        return "%s:%d/%s" % (self.host, self.port, self.deployment)
 
 
 def parse_target(url):
@@ -3887,11 +3919,13 @@ def local_image(docker, ref):
 
 class Meter:
     """What a long push shows: on a terminal, one line on stderr redrawn twice a
-    second (what is going on, bytes, rate, time left); otherwise one line at the end."""
+    second (what is going on, bytes, rate, time left); otherwise one line at the end.
+    A rollout's meters name their target (`label`); only one at a time may redraw."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, label=None, redraw=True):
         self.stream = stream
-        self.tty = stream.isatty()
+        self.tty = redraw and stream.isatty()
+        self.prefix = "edd push: " + ("%s: " % label if label else "")
         self.sent = 0               # archive bytes sent, every attempt counted
         self.send_seconds = 0.0
         self.activity, self.total, self.count = "starting", None, 0
@@ -3917,15 +3951,15 @@ class Meter:
 
     def say(self, text):
         """A line of its own, above the progress line."""
-        self.stream.write(("\r\033[K" if self.tty else "") + "edd push: %s\n" % text)
+        self.stream.write(("\r\033[K" if self.tty else "") + "%s%s\n" % (self.prefix, text))
         self.stream.flush()
 
     def line(self):
         elapsed = max(time.monotonic() - self.phase_started, 1e-6)
         if not self.count:
-            return "edd push: %s (%d s)" % (self.activity, elapsed)
+            return "%s%s (%d s)" % (self.prefix, self.activity, elapsed)
         rate = self.count / elapsed
-        text = "edd push: %s %s" % (self.activity, _size(self.count))
+        text = "%s%s %s" % (self.prefix, self.activity, _size(self.count))
         if self.total:
             text += " of %s" % _size(self.total)
         text += ", %s/s" % _size(rate)
@@ -3946,8 +3980,8 @@ class Meter:
             self._thread.join()
             self.stream.write("\r\033[K")
         if self.sent:
-            self.stream.write("edd push: sent %s in %.1f s (%s/s); %.1f s in all\n" % (
-                _size(self.sent), self.send_seconds,
+            self.stream.write("%ssent %s in %.1f s (%s/s); %.1f s in all\n" % (
+                self.prefix, _size(self.sent), self.send_seconds,
                 _size(self.sent / max(self.send_seconds, 1e-6)),
                 time.monotonic() - self.started))
         self.stream.flush()
@@ -4002,18 +4036,24 @@ class Host:
         lines += ["%s: %s" % header for header in headers]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def layers(self, image):
-        """The host's answer to /layers for `image`; PushError (2) unless it is 200."""
-        body = json.dumps({"image_id": image.id, "layers": list(image.layers)}).encode()
+    def request(self, method, action=None, body=b"", headers=(), timeout=SEND_SECONDS):
+        """(status, JSON answer) of a request with a small `body`; PushError (2) if
+        there is no answer. `timeout` bounds the wait for it."""
         sock = self._connect()
         with sock, sock.makefile("rb") as reader:
             try:
-                sock.sendall(self._head("POST", "layers", [
-                    ("Content-Type", "application/json"),
+                sock.sendall(self._head(method, action, list(headers) + [
                     ("Content-Length", str(len(body)))]) + body)
-                status, answer = _read_answer(reader)
-            except OSError as exc:
+                sock.settimeout(timeout)
+                return _read_answer(reader)
+            except (OSError, http.client.HTTPException) as exc:
                 raise PushError("no answer from the host: %s" % _tls_reason(exc)) from None
+
+    def layers(self, image):
+        """The host's answer to /layers for `image`; PushError (2) unless it is 200."""
+        body = json.dumps({"image_id": image.id, "layers": list(image.layers)}).encode()
+        status, answer = self.request("POST", "layers", body,
+                                      [("Content-Type", "application/json")])
         if status != 200:
             raise PushError(_error_of(status, answer), answer=answer)
         return answer
@@ -4048,8 +4088,7 @@ class Host:
                 return _read_answer(reader) + (True,)
             except (OSError, http.client.HTTPException) as exc:
                 raise PushError("the connection to the host failed during the upload: %s; "
-                                "GET %s shows what runs" % (exc, self.target.path("")
-                                                              .rstrip("/")),
+                                "GET %s shows what runs" % (exc, self.target.path()),
                                 exit_status=1) from None
 
 
@@ -4171,15 +4210,18 @@ def index_archive(chunks, sink=None):
     return archive
 
 
-def file_chunks(file):
-    """The file from its start, BUFFER_SIZE at a time."""
-    file.seek(0)
-    buffer = memoryview(bytearray(BUFFER_SIZE))
+def file_chunks(file, lock=None):
+    """The file from its start, BUFFER_SIZE at a time. Readers that share the file
+    (a rollout's parallel uploads) share `lock`: each read seeks to its own place."""
+    offset = 0
     while True:
-        count = file.readinto(buffer)
-        if not count:
+        with lock or contextlib.nullcontext():
+            file.seek(offset)
+            chunk = file.read(BUFFER_SIZE)
+        if not chunk:
             return
-        yield buffer[:count]
+        offset += len(chunk)
+        yield chunk
 
 
 def thin_plan(file, archive, image, have, layouts):
@@ -4221,35 +4263,83 @@ def push(options, docker, meter):
     """Deploy the local image options.image to options.url; return the Outcome.
     Raise PushError when it cannot go on (its exit_status says whether anything was
     attempted)."""
-    target = parse_target(options.url)
-    context = tls_context(ssl.PROTOCOL_TLS_CLIENT, options.cert, options.key,
-                          options.cacert, "--cert/--key", "--cacert")
-    host = Host(target, context)
+    host = Host(parse_target(options.url), client_context(options))
     image = local_image(docker, options.image)
-    meter.phase("asking %s which layers it has" % target.host)
-    answer = host.layers(image)
-    count = len(image.layers)
+    meter.phase("asking %s which layers it has" % host.target.host)
+    with SavedImage(docker, image) as saved:
+        return deliver(host, saved, host.layers(image), options, meter)
+
+
+def client_context(options):
+    return tls_context(ssl.PROTOCOL_TLS_CLIENT, options.cert, options.key,
+                       options.cacert, "--cert/--key", "--cacert")
+
+
+class SavedImage:
+    """`docker save` of the image, run at most once per push. A push to one host
+    that sends the whole image streams it straight from docker; anything else
+    (a thin upload, several hosts) spools it once and reads that file again."""
+
+    def __init__(self, docker, image, keep=False):
+        self.docker, self.image, self.keep = docker, image, keep
+        self.file = self.archive = None
+        self._lock = threading.Lock()       # parallel pushes share one spool
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+    def spooled(self, meter):
+        """(the spooled file, its Archive), saving the image the first time."""
+        with self._lock:
+            if self.file is None:
+                self.file, self.archive = spool(self.docker, self.image.ref, meter)
+        return self.file, self.archive
+
+    def whole(self, meter):
+        """The archive's chunks, everything in it."""
+        if self.file is None and not self.keep:
+            return saved_chunks(self.docker, self.image.ref)
+        return file_chunks(self.spooled(meter)[0], self._lock)
+
+    def plan(self, have, layouts, meter):
+        """thin_plan() of the spooled archive for a host that has `have` layers."""
+        file, archive = self.spooled(meter)
+        with self._lock:                    # read_member() moves the file's position too
+            return thin_plan(file, archive, self.image, have, layouts)
+
+    def size(self):
+        return os.fstat(self.file.fileno()).st_size if self.file else self.image.size
+
+
+def deliver(host, saved, answer, options, meter):
+    """The upload to `host` after its /layers `answer`: nothing if it already runs
+    the image (unless --force), else the layers it lacks, else everything."""
+    count = len(saved.image.layers)
     if answer.get("running") and not options.force:
         return Outcome(200, dict(answer, already_running=True), 0, count)
     have = 0 if options.full else answer.get("have", 0)
     if have and not answer.get("thin"):
-        return _upload(host, saved_chunks(docker, image.ref), meter, count, 0,
-                       "the host's engine does not load archives without layers", image.size)
+        return _upload(host, saved.whole(meter), meter, count, 0,
+                       "the host's engine does not load archives without layers",
+                       saved.size())
     if not have:
-        return _upload(host, saved_chunks(docker, image.ref), meter, count, 0,
-                       total=image.size)
-    spooled, archive = spool(docker, image.ref, meter)
-    with spooled:
-        size = os.fstat(spooled.fileno()).st_size
-        plan = thin_plan(spooled, archive, image, have, answer.get("thin_layouts", ()))
-        if isinstance(plan, str):
-            return _upload(host, file_chunks(spooled), meter, count, 0, plan, size)
-        thin = filter_archive(file_chunks(spooled), Archive(), plan, strip=False)
-        outcome = _upload(host, thin, meter, count - have, have)
-        if layer_gone(outcome.status, outcome.answer):
-            reason = "the thin upload failed: %s" % outcome.answer.get("error")
-            return _upload(host, file_chunks(spooled), meter, count, 0, reason, size)
-        return outcome
+        return _upload(host, saved.whole(meter), meter, count, 0, total=saved.size())
+    plan = saved.plan(have, answer.get("thin_layouts", ()), meter)
+    if isinstance(plan, str):
+        return _upload(host, saved.whole(meter), meter, count, 0, plan, saved.size())
+    thin = filter_archive(saved.whole(meter), Archive(), plan, strip=False)
+    outcome = _upload(host, thin, meter, count - have, have)
+    if layer_gone(outcome.status, outcome.answer):
+        reason = "the thin upload failed: %s" % outcome.answer.get("error")
+        return _upload(host, saved.whole(meter), meter, count, 0, reason, saved.size())
+    return outcome
 
 
 def _upload(host, chunks, meter, layers_sent, layers_skipped, fallback=None, total=None):
@@ -4283,12 +4373,24 @@ class _PushArguments(argparse.ArgumentParser):
 def push_arguments(argv):
     parser = _PushArguments(
         prog="edd.py push",
-        description="Deploy a local image to an edd host, sending only the layers the "
-                    "host's deployment does not already have.",
-        epilog="Exit status: 0 deployed (or already running), 1 the deploy failed (the "
-               "host keeps or restores the old container), 2 nothing was attempted.")
+        description="Deploy a local image to edd hosts, sending each only the layers "
+                    "its deployment does not already have. Several URLs (or --targets) "
+                    "make a rollout: every target is asked first and nothing changes "
+                    "unless all answer; then one at a time (--parallel N), and a failed "
+                    "deploy rolls the targets already updated back to what they ran.",
+        epilog="Exit status: 0 deployed (or already running), 1 a deploy failed (each "
+               "host keeps or restores its old container; a rollout says whether the "
+               "others are back on the old version or left mixed), 2 nothing was changed.")
     parser.add_argument("image", help="a local image: repo:tag or id")
-    parser.add_argument("url", help="https://HOST:PORT/v1/deployments/NAME")
+    parser.add_argument("urls", nargs="*", metavar="URL",
+                        help="https://HOST:PORT/v1/deployments/NAME, in rollout order")
+    parser.add_argument("--targets", metavar="FILE",
+                        help="more URLs, one a line (# starts a comment)")
+    parser.add_argument("--parallel", type=int, default=1, metavar="N",
+                        help="update up to N targets at once (default 1)")
+    parser.add_argument("--no-rollback", action="store_true",
+                        help="after a failed deploy, leave the targets already updated "
+                             "on the new image")
     parser.add_argument("--cert", default=os.environ.get("EDD_CERT"),
                         help="client certificate, PEM (default $EDD_CERT)")
     parser.add_argument("--key", default=os.environ.get("EDD_KEY"),
@@ -4302,11 +4404,33 @@ def push_arguments(argv):
                         help="deploy even if the host already runs this image")
     parser.add_argument("--json", action="store_true",
                         help="print the host's answer as JSON, with bytes_sent, "
-                             "layers_sent and layers_skipped")
-    options = parser.parse_args(argv)
+                             "layers_sent and layers_skipped (a rollout: its report, "
+                             "an array with one object per target)")
+    # Intermixed: options may come between the URLs, as in `push IMG URL --json URL`.
+    options = parser.parse_intermixed_args(argv)
+    if options.targets:
+        options.urls += read_targets(options.targets)
+    if not options.urls:
+        raise PushError("the following arguments are required: URL (or --targets FILE)")
+    if options.parallel < 1:
+        raise PushError("--parallel must be 1 or more")
+    options.rollout = len(options.urls) > 1 or bool(options.targets)
+    options.url = options.urls[0]
     if not options.cert:
         raise PushError("no client certificate: give --cert FILE or set EDD_CERT")
     return options
+
+
+def read_targets(path):
+    """The URLs listed in the file at `path`: one a line, `#` to the line's end a comment."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PushError("--targets %s: cannot read: %s"
+                        % (path, getattr(exc, "strerror", None) or exc)) from None
+    return [line.split("#", 1)[0].strip() for line in lines
+            if line.split("#", 1)[0].strip()]
 
 
 def push_main(argv, out=None, err=None, docker=None):
@@ -4316,6 +4440,8 @@ def push_main(argv, out=None, err=None, docker=None):
     options = None
     try:
         options = push_arguments(argv)
+        if options.rollout:
+            return rollout_main(options, out, err, docker or Docker())
         meter = Meter(err)
         outcome = push(options, docker or Docker(), meter)
         status = 0 if outcome.status == 200 else 1
@@ -4343,6 +4469,282 @@ def push_main(argv, out=None, err=None, docker=None):
         for line in (answer.get("log") or "").splitlines():
             print("  | " + line, file=err)
     return status
+
+
+# -- many hosts: a rollout -------------------------------------------------------
+#
+# A rollout is the one-host push repeated, with three rules on top: every target
+# is asked (/layers) before any changes, and one refusal changes nothing; the
+# next target starts only after the last one's gate passed; and after a failed
+# deploy each target this push updated is rolled back through its own gate.
+# The hosts share no state: what the client reports is what each host answered.
+
+POLL_TARGETS_SECONDS = 0.2     # how often a rollout looks for a finished target or a signal
+
+
+@dataclasses.dataclass(eq=False)
+class Step:
+    """One target of a rollout, and what happened to it. `before` and `after` are the
+    image ids the host reported (None: no container); `after` is "unknown" when the
+    host could not be asked."""
+    url: str
+    host: Host
+    refused: str = None         # why the preflight failed
+    before: str = None
+    before_state: str = None
+    after: str = None
+    outcome: str = "not attempted"
+    updated: bool = False       # this push changed what it runs
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    error: str = None
+    log: str = None
+
+    def report(self):
+        fields = {"target": self.url, "before": self.before, "after": self.after,
+                  "outcome": self.outcome, "bytes_sent": self.bytes_sent,
+                  "seconds": round(self.seconds, 1)}
+        if self.refused:
+            fields["preflight"] = self.refused
+        if self.error:
+            fields["error"] = self.error
+        return fields
+
+
+def rollout_steps(options):
+    """The rollout's Steps, one per URL, each with its Host; PushError if a URL is
+    malformed or named twice (the second push would undo the first's rollback)."""
+    targets = [parse_target(url) for url in options.urls]
+    repeated = {str(t) for t in targets if targets.count(t) > 1}
+    if repeated:
+        raise PushError("a target is named twice: %s" % ", ".join(sorted(repeated)))
+    context = client_context(options)
+    return [Step(url, Host(target, context)) for url, target in zip(options.urls, targets)]
+
+
+def preflight(steps, image):
+    """Ask every target's /layers at once; record what each runs, or why it refused
+    (unreachable, TLS, not allowed, no such deployment, engine down, busy)."""
+    def ask(step):
+        try:
+            answer = step.host.layers(image)
+        except PushError as exc:
+            step.refused = str(exc)
+            return
+        step.before = step.after = answer.get("image_id")
+        step.before_state = answer.get("state")
+    _in_threads(ask, steps)
+
+
+def _in_threads(function, items):
+    threads = [threading.Thread(target=function, args=(item,), daemon=True) for item in items]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def observe(step):
+    """Ask the host what it runs now (after a failure, the answer we have may be
+    missing or stale); set step.after to that image id, or "unknown"."""
+    try:
+        status, answer = step.host.request("GET")
+    except PushError:
+        status, answer = None, {}
+    step.after = answer.get("image_id") if status == 200 else "unknown"
+
+
+def deploy_step(step, saved, options, err):
+    """Push to one target. The /layers answer is asked again, right before the
+    upload: it gives this host's own `have`, and a target that another client
+    changed since the preflight is left alone (a failure: its rollback could
+    not be exact)."""
+    started = time.monotonic()
+    meter = Meter(err, str(step.host.target), redraw=options.parallel == 1)
+    try:
+        answer = step.host.layers(saved.image)
+        if answer.get("image_id") != step.before:
+            step.outcome, step.after = "failed", answer.get("image_id")
+            step.error = "it changed since the preflight (it ran %s, now %s); not pushed" % (
+                _short(step.before), _short(step.after))
+            return
+        outcome = deliver(step.host, saved, answer, options, meter)
+        answer = outcome.answer
+        if outcome.status == 200:
+            step.outcome = "already running" if answer.get("already_running") else "deployed"
+            step.after = answer.get("image_id")
+        else:
+            step.error, step.log = _error_of(outcome.status, answer), answer.get("log")
+            step.outcome = "failed and restored" if answer.get("restored") else "failed"
+            observe(step)
+    except (PushError, EddError, OSError) as exc:
+        step.outcome, step.error = "failed", str(exc)
+        observe(step)
+    finally:
+        meter.close()
+        step.updated = step.after not in (step.before, "unknown")
+        step.bytes_sent, step.seconds = meter.sent, time.monotonic() - started
+
+
+def run_rollout(steps, saved, options, err, stop):
+    """Deploy to `steps` in order, up to options.parallel at once; start no new one
+    after a failure or once `stop` is set. Return the steps still in flight when a
+    signal came (their hosts finish or restore those deploys by themselves)."""
+    pending, running, finished = list(steps), set(), queue.Queue()
+    failed = False
+
+    def work(step):
+        try:
+            deploy_step(step, saved, options, err)
+        finally:
+            finished.put(step)
+    while running or (pending and not failed and not stop.is_set()):
+        while pending and len(running) < options.parallel and not failed \
+                and not stop.is_set():
+            step = pending.pop(0)
+            step.outcome = "in flight"
+            running.add(step)
+            threading.Thread(target=work, args=(step,), name="push", daemon=True).start()
+        try:
+            step = finished.get(timeout=POLL_TARGETS_SECONDS)
+        except queue.Empty:
+            if stop.is_set():
+                return running
+            continue
+        running.discard(step)
+        failed = failed or step.outcome not in ("deployed", "already running")
+    return set()
+
+
+def roll_back(steps, stop, err):
+    """Put each target this push updated back on the image it ran before, last
+    updated first, through its host's gate: POST rollback (or DELETE, for a target
+    that had no container, stop for one that was not running); then check that the
+    image the host reports is exactly the one the preflight recorded."""
+    for step in reversed([s for s in steps if s.updated]):
+        if stop.is_set():
+            step.error = "interrupted before its rollback"
+            continue
+        print("edd push: %s: rolling back to %s" % (step.host.target, _short(step.before)),
+              file=err)
+        if step.before is None:
+            calls = [("DELETE", None)]
+        else:
+            calls = [("POST", "rollback")] + (
+                [] if step.before_state == "running" else [("POST", "stop")])
+        try:
+            for method, action in calls:
+                status, answer = step.host.request(method, action, timeout=ANSWER_SECONDS)
+                if status != 200:
+                    raise PushError(_error_of(status, answer))
+            step.after = answer.get("image_id")
+        except PushError as exc:
+            step.outcome, step.error = "rollback failed", str(exc)
+            observe(step)
+            continue
+        if step.after == step.before:
+            step.outcome, step.updated = "rolled back", False
+        else:
+            step.outcome = "not restored"
+            step.error = "rolled back, but it runs %s, not %s as before this push" % (
+                _short(step.after), _short(step.before))
+
+
+def _short(image_id):
+    if image_id is None:
+        return "-"
+    return image_id.split(":", 1)[-1][:12]
+
+
+def fleet_summary(steps, options, interrupted):
+    """One line: how the rollout ended, judged by what each host last reported."""
+    new = [s for s in steps if s.outcome in ("deployed", "already running")]
+    if len(new) == len(steps):
+        return "all %d targets run the new image" % len(steps)
+    failed = [str(s.host.target) for s in steps if s.outcome.startswith("failed")]
+    how = ("interrupted" if interrupted else
+           "the deploy to %s failed" % ", ".join(failed) if failed else "the rollout failed")
+    if all(s.after == s.before for s in steps):
+        return "%s; every target runs the image it ran before this push" % how
+    changed = [str(s.host.target) for s in steps if s.after != s.before]
+    reason = " (--no-rollback)" if options.no_rollback else ""
+    return "%s; the fleet is left mixed%s: %s changed, the others did not" % (
+        how, reason, ", ".join(changed))
+
+
+def report_table(steps, preflight_only=False):
+    """The human report: a header and one line per target."""
+    if preflight_only:
+        rows = [("TARGET", "PREFLIGHT")] + [
+            (s.url, s.refused or "ok: %s, %s" % (_short(s.before), s.before_state))
+            for s in steps]
+    else:
+        rows = [("TARGET", "BEFORE", "AFTER", "OUTCOME", "SENT", "SECONDS")] + [
+            (s.url, _short(s.before), _short(s.after) if s.after != "unknown" else "?",
+             s.outcome, _size(s.bytes_sent), "%.1f" % s.seconds) for s in steps]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths))
+                   + ("  " if widths else "") + row[-1] + "\n" for row in rows)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop):
+    """While inside, SIGINT and SIGTERM set `stop` instead of ending the client."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = lambda number, frame: stop.set()
+    saved = {number: signal.signal(number, handler)
+             for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, previous in saved.items():
+            signal.signal(number, previous)
+
+
+def rollout_main(options, out, err, docker):
+    """`edd.py push IMAGE URL URL…`: preflight, roll out, roll back on failure,
+    report. Return the exit status (0, 1 or 2)."""
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        steps = rollout_steps(options)
+        image = local_image(docker, options.image)
+        print("edd push: asking %d targets which layers they have" % len(steps), file=err)
+        preflight(steps, image)
+        if stop.is_set() or any(s.refused for s in steps):
+            _print_report(steps, options, out, err, "nothing was changed anywhere: %s"
+                          % ("interrupted" if stop.is_set() else "the preflight failed"),
+                          preflight_only=True)
+            return 2
+        saved = SavedImage(docker, image, keep=True)
+        in_flight = run_rollout(steps, saved, options, err, stop)
+        if not in_flight:
+            saved.close()       # else uploads still read it: the exit closes it
+        for step in in_flight:
+            step.error = "the client stopped waiting; its host finishes or restores " \
+                         "this deploy by itself: GET %s shows which" % step.url
+        failed = any(s.outcome not in ("deployed", "already running") for s in steps)
+        if failed and not options.no_rollback and not in_flight:
+            roll_back(steps, stop, err)
+    summary_line = fleet_summary(steps, options, stop.is_set())
+    _print_report(steps, options, out, err, summary_line)
+    if not failed:
+        return 0
+    return 1 if in_flight or any(s.outcome != "not attempted" for s in steps) else 2
+
+
+def _print_report(steps, options, out, err, summary_line, preflight_only=False):
+    if options.json:
+        out.write(json_text([step.report() for step in steps]))
+    else:
+        out.write(report_table(steps, preflight_only))
+    print("edd push: %s" % summary_line, file=err)
+    for step in steps:
+        if step.error:
+            print("edd push: %s: %s" % (step.host.target, step.error), file=err)
+        for line in (step.log or "").splitlines():
+            print("  | " + line, file=err)
 
 
 # ---------------------------------------------------------------------------

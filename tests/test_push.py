@@ -133,6 +133,10 @@ def running_v1(edd_factory, layered, **toplevel):
 
 REAL_DOCKER = shutil.which("docker")
 
+# LEAD (merge into i13): these tests predate podman in the suite (issue 14); their
+# images are built and saved with the docker CLI. i12 makes them engine-aware.
+pytestmark = pytest.mark.engines("docker", reason="images built with the docker CLI")
+
 
 def fake_docker(path, script):
     """A `docker` at `path` that runs the sh `script`, then the real docker with the
@@ -340,7 +344,7 @@ def test_layers_answers_only_about_the_deployments_own_images(edd_factory, layer
     assert (reply.status, reply.json["have"], reply.json["image_id"]) == (200, 0, None)
     reply = https_request(server, "POST", "/v1/deployments/%s/layers" % other.name,
                           cert="bob", body=query)
-    assert reply.status == 403
+    assert reply.status == 404          # a deployment bob may not use is hidden (issue 11)
     for bad in ("[]", '{"layers": ["sha256:12"]}', "not json", '{"layers": [], "x": 1}'):
         reply = https_request(server, "POST", "/v1/deployments/%s/layers" % website.name,
                               body=bad)
@@ -355,7 +359,7 @@ def test_push_refused_before_upload_exits_2(edd_factory, layered, pki):
     deployment = edd_factory.deployment(clients=["alice"])
     server = edd_factory.start([deployment])
     crt, key = pki.client("alice")
-    cases = [((layered["v1"], deployment.name), {"cert": "bob"}, "403: bob may not use"),
+    cases = [((layered["v1"], deployment.name), {"cert": "bob"}, "404: no deployment named"),
              ((layered["v1"], "nosuch"), {}, "404: no deployment named"),
              ((layered["v1"], deployment.name), {"cert": "mallory"},
               "does the host accept this client certificate?"),
