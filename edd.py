@@ -521,11 +521,6 @@ class Engine:
         return {"classic": ("legacy", "oci"), "containerd": ("oci",)}.get(self.image_store, ())
 
     @property
-    def thin_layouts(self):
-        """thin_archives as the archive layouts ("legacy", "oci") that /layers names."""
-        return {True: ("legacy", "oci"), "oci-layout": ("oci",)}.get(self.thin_archives, ())
-
-    @property
     def runs_healthchecks(self):
         """podman runs HEALTHCHECKs from systemd timers: with no systemd to reach
         (containers, minimal VMs) a health status stays "starting" for ever."""
@@ -4398,6 +4393,9 @@ def push_arguments(argv):
     parser.add_argument("--cacert", default=os.environ.get("EDD_CACERT"),
                         help="CA that signed the host's certificate (default $EDD_CACERT; "
                              "none: the system's CAs)")
+    parser.add_argument("--docker", default=os.environ.get("EDD_DOCKER", "docker"),
+                        help="the local engine's CLI, docker or podman (default "
+                             "$EDD_DOCKER, else docker)")
     parser.add_argument("--full", action="store_true",
                         help="send every layer, whatever the host has")
     parser.add_argument("--force", action="store_true",
@@ -4440,10 +4438,11 @@ def push_main(argv, out=None, err=None, docker=None):
     options = None
     try:
         options = push_arguments(argv)
+        docker = docker or Docker(options.docker)
         if options.rollout:
-            return rollout_main(options, out, err, docker or Docker())
+            return rollout_main(options, out, err, docker)
         meter = Meter(err)
-        outcome = push(options, docker or Docker(), meter)
+        outcome = push(options, docker, meter)
         status = 0 if outcome.status == 200 else 1
         message = None if status == 0 else _error_of(outcome.status, outcome.answer)
         answer = dict(outcome.answer, bytes_sent=meter.sent, layers_sent=outcome.layers_sent,

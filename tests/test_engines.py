@@ -245,3 +245,33 @@ def test_a_pure_oci_archive_is_refused_in_words(edd_factory, make_image, docker,
         assert reply.status == 400, reply.body
         assert "no manifest.json" in reply.json["error"], reply.json
         assert fetch(deployment.port) == V1_TEXT
+
+
+@pytest.mark.engines("podman", reason="a client whose local engine is podman")
+def test_edd_push_from_a_podman_client_to_a_podman_host(edd_factory, make_image, docker):
+    # A Fedora laptop pushing to a podman host: `--docker podman` makes the
+    # client inspect and save with podman; the host answers thin: false, so the
+    # whole image goes, and the page changes.
+    docker_cli("load", "-i", make_image(V1, content=V1_TEXT))
+    deployment = edd_factory.deployment()
+    edd_process = edd_factory.start([deployment])
+    crt, key = edd_factory.pki.client("alice")
+    url = "%s/v1/deployments/%s" % (edd_process.url, deployment.name)
+    argv = [sys.executable, str(EDD), "push", "--cert", str(crt), "--key", str(key),
+            "--cacert", str(edd_factory.pki.ca), "--json"]
+    try:
+        for extra in ([], ["--docker", "podman"]):
+            proc = subprocess.run(argv + extra + [V1, url], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, universal_newlines=True,
+                                  timeout=300, env=dict(os.environ, EDD_DOCKER="docker"))
+            if not extra:
+                # docker has no such image: the client says so and sends nothing.
+                assert proc.returncode == 2, proc.stderr
+                assert "no image" in proc.stderr, proc.stderr
+                continue
+            assert proc.returncode == 0, proc.stdout + proc.stderr + edd_process.log()
+            answer = json.loads(proc.stdout)
+            assert answer["layers_skipped"] == 0 and answer["bytes_sent"] > 0, answer
+        assert fetch(deployment.port) == V1_TEXT
+    finally:
+        docker_cli("rmi", V1, check=False)
