@@ -160,7 +160,8 @@ install:
 	else \
 	    echo "installing $(DESTDIR)$(CONFDIR)/config.json"; \
 	    umask 077 && sed -e 's|"127\.0\.0\.1:8866"|"0.0.0.0:8866"|' \
-	        -e 's|"pki/|"$(CONFDIR)/|g' config.example.json \
+	        -e 's|"pki/|"$(CONFDIR)/|g' -e 's|"state_dir": "state"|"state_dir": "/var/lib/edd"|' \
+	        config.example.json \
 	        > $(DESTDIR)$(CONFDIR)/config.json && \
 	    chmod 640 $(DESTDIR)$(CONFDIR)/config.json; \
 	fi

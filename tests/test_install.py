@@ -74,6 +74,8 @@ def test_installed_config_is_the_example_with_production_values(destdir):
     assert installed["server_cert"] == "/etc/edd/server.crt"
     assert installed["server_key"] == "/etc/edd/server.key"
     assert installed["client_ca"] == "/etc/edd/ca.crt"
+    # Swap records where the unit's StateDirectory= makes them survive a reboot.
+    assert installed["state_dir"] == "/var/lib/edd"
     assert installed["deployments"] == example["deployments"]
     assert set(installed) == set(example)
 
@@ -123,6 +125,8 @@ def test_example_config_serves_the_dev_pki_on_localhost():
     assert example["server_cert"] == "pki/server.crt"
     assert example["server_key"] == "pki/server.key"
     assert example["client_ca"] == "pki/ca.crt"
+    # `make run` keeps its swap records beside the config: no root needed.
+    assert example["state_dir"] == "state"
     # --init: docker's tiny init forwards SIGTERM, so busybox httpd (which as
     # PID 1 ignores it) stops at once on a redeploy instead of after 10 s.
     assert example["deployments"] == [
