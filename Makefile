@@ -39,10 +39,11 @@ run: certs
 # (Debian/Ubuntu: the python3-venv package). EDD_TEST_ENGINES picks the
 # engines (default docker,podman); EDD_REQUIRE_DOCKER=1 fails when one is
 # missing instead of skipping its tests. TESTS=tests/test_units.py runs one file.
+# tests/run_engines.py runs one pytest session per engine, side by side.
 test:
 	@if $(PYTHON) -m pytest --version >/dev/null 2>&1; then py='$(PYTHON)'; \
 	else $(MAKE) --no-print-directory $(VENV)/bin/pytest && py='$(VENV)/bin/python'; fi; \
-	echo "$$py -m pytest -q $(TESTS)"; $$py -m pytest -q $(TESTS)
+	echo "$$py tests/run_engines.py $(TESTS)"; $$py tests/run_engines.py $(TESTS)
 
 $(VENV)/bin/pytest:
 	$(PYTHON) -m venv $(VENV) || { echo "make test: cannot make a venv;" \

@@ -119,6 +119,16 @@ def pytest_configure(config):
         "markers", "engines(*names, reason=...): run only on these engines")
 
 
+def pytest_collection_modifyitems(config, items):
+    """EDD_TEST_ENGINE_TESTS_ONLY=1 (tests/run_engines.py sets it for every engine
+    but the first): only the tests that run on an engine, the rest ran already."""
+    if os.environ.get("EDD_TEST_ENGINE_TESTS_ONLY") != "1":
+        return
+    kept = [item for item in items if "docker" in getattr(item, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
 def pytest_generate_tests(metafunc):
     """Every test that needs the engine (the `docker` fixture, directly, through
     make_image, or by the marker) runs once per engine: test_x[docker], test_x[podman]."""
