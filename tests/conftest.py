@@ -117,14 +117,19 @@ def pytest_configure(config):
                    "EDD_REQUIRE_DOCKER=1)")
     config.addinivalue_line(
         "markers", "engines(*names, reason=...): run only on these engines")
+    config.addinivalue_line(
+        "markers", "no_engine_here: set by conftest; the test runs on none of this "
+                   "session's engines and is deselected")
 
 
 def pytest_collection_modifyitems(config, items):
-    """EDD_TEST_ENGINE_TESTS_ONLY=1 (tests/run_engines.py sets it for every engine
-    but the first): only the tests that run on an engine, the rest ran already."""
-    if os.environ.get("EDD_TEST_ENGINE_TESTS_ONLY") != "1":
-        return
-    kept = [item for item in items if "docker" in getattr(item, "fixturenames", ())]
+    """Deselect the tests that run on none of this session's engines, and with
+    EDD_TEST_ENGINE_TESTS_ONLY=1 (tests/run_engines.py sets it for every engine
+    but the last) the tests that run on no engine at all: the last session runs them."""
+    only_engine_tests = os.environ.get("EDD_TEST_ENGINE_TESTS_ONLY") == "1"
+    kept = [item for item in items
+            if not item.get_closest_marker("no_engine_here")
+            and (not only_engine_tests or "docker" in getattr(item, "fixturenames", ()))]
     config.hook.pytest_deselected(items=[item for item in items if item not in kept])
     items[:] = kept
 
@@ -148,9 +153,10 @@ def pytest_generate_tests(metafunc):
         # whatever engine is behind it. This file's real-engine cases run on both.
         engines = [engine for engine in engines if engine == "docker"]
     if not engines:
-        # This test has no engine it runs on in this session (EDD_TEST_ENGINES).
-        metafunc.parametrize("docker", [pytest.param(None, marks=pytest.mark.skip(
-            reason="not run on %s" % ", ".join(ENGINES)))], indirect=True, scope="session")
+        # This test has no engine it runs on in this session (EDD_TEST_ENGINES):
+        # deselected, not skipped (tests/run_engines.py runs it in its own session).
+        metafunc.parametrize("docker", [pytest.param(None, marks=pytest.mark.no_engine_here)],
+                             indirect=True, scope="session")
         return
     metafunc.parametrize("docker", engines, indirect=True, scope="session", ids=engines)
 

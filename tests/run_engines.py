@@ -5,9 +5,10 @@
 Most of an engine test's time is waiting (for a gate, a health check, docker),
 not CPU, so a docker session and a podman session run well at once on two
 cores: they share no engine, no container name and no image tag (each session
-has its own run_tag). The first engine's session runs every test; the others
-run only the engine tests (EDD_TEST_ENGINE_TESTS_ONLY=1, see conftest.py), so
-nothing runs twice on the same engine.
+has its own run_tag). The last engine's session also runs the tests that need
+no engine; the others run only their engine's tests (EDD_TEST_ENGINE_TESTS_ONLY=1,
+see conftest.py), so nothing runs twice. (podman's engine tests are fewer: its
+session has room for the rest.)
 
 Each session's output is printed whole when it ends, then one line that adds
 them up, "N passed, N failed" (with skipped and errors when there are any).
@@ -30,9 +31,9 @@ def engines():
     return [name for name in names if name]
 
 
-def start(engine, first, pytest_args, log):
+def start(engine, last, pytest_args, log):
     env = dict(os.environ, EDD_TEST_ENGINES=engine)
-    if not first:
+    if not last:
         env["EDD_TEST_ENGINE_TESTS_ONLY"] = "1"
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + pytest_args
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -52,16 +53,18 @@ def main(argv):
     pytest_args = argv or ["tests"]
     started = time.monotonic()
     sessions = []
-    for index, engine in enumerate(engines()):
+    names = engines()
+    for index, engine in enumerate(names):
         log = tempfile.TemporaryFile()
-        sessions.append((engine, start(engine, index == 0, pytest_args, log), log))
+        sessions.append((engine, start(engine, index == len(names) - 1, pytest_args, log),
+                         log))
     status, total = 0, {}
     for engine, process, log in sessions:
         code = process.wait()
         log.seek(0)
         text = log.read().decode("utf-8", "replace")
         log.close()
-        if code == 5 and engine != sessions[0][0]:
+        if code == 5 and engine != sessions[-1][0]:
             code = 0        # pytest's "no tests": the files asked for have no engine test
         print("=== %s session: exit %d" % (engine, code))
         print(text, end="" if text.endswith("\n") else "\n")
