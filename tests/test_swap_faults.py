@@ -100,14 +100,19 @@ def fired(faulty_docker, action):
     return calls
 
 
-def kill_mid_gate(edd_factory, deployment, archive, wait_for_name):
+def kill_mid_gate(edd_factory, deployment, archive, wait_for_name, state="running"):
     """Start edd with an 8 s gate, push `archive`, and SIGKILL edd once `wait_for_name`
-    exists (inside the gate). Return the killed Edd."""
+    is in `state` (None: exists at all; a parked container runs only for the moment
+    between its rename and its stop). Return the killed Edd."""
     slow = dict(deployment, settle_seconds=8)
     crashing = edd_factory.start([slow])
     threading.Thread(target=push, args=(crashing, deployment, archive), daemon=True).start()
-    wait_for(lambda: container_state(wait_for_name) == "running", timeout=30,
-             message="%s to run" % wait_for_name)
+    try:
+        wait_for(lambda: (container_state(wait_for_name) is not None if state is None
+                          else container_state(wait_for_name) == state), timeout=30,
+                 message="%s to be %s" % (wait_for_name, state or "there"))
+    except AssertionError as exc:
+        raise AssertionError("%s; edd's log:\n%s" % (exc, crashing.log())) from None
     time.sleep(0.5)
     crashing.kill()
     return crashing
@@ -470,7 +475,8 @@ def test_recovery_waits_for_docker_to_come_back(edd_factory, images, faulty_dock
     assert_ok(push(first, deployment, images.v1))
     old_id = container_id(deployment.name)
     first.stop()
-    kill_mid_gate(edd_factory, deployment, images.v2, deployment.name + ".edd-old")
+    kill_mid_gate(edd_factory, deployment, images.v2, deployment.name + ".edd-old",
+                  state=None)
     # Stands for dockerd still starting (or restarting) when edd starts.
     faulty_docker.set({"match": r".", "times": -1, "action": "fail"})
     first.relaunch()
