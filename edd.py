@@ -823,16 +823,6 @@ class Docker:
         _widen_pipe(process.stdout)
         return process, _drain(process.stderr, "docker-save-errors")
 
-    def loaded_refs(self, output):
-        """The images a finished `load` printed, as names this engine resolves."""
-        refs = parse_load_output(output)
-        if self.engine.kind == "podman":
-            # podman qualifies names (localhost/website:latest) and prints an
-            # archive without names as its bare id (sha256:HEX, as docker does).
-            refs = [ref[len("localhost/"):] if ref.startswith("localhost/") else ref
-                    for ref in refs]
-        return refs
-
 
 def _widen_pipe(pipe):
     """Ask the kernel for a PIPE_SIZE pipe: fewer, larger reads and writes."""
