@@ -42,6 +42,10 @@ Fixture API (keep these names stable; other test files use them):
     Edd.command, EddFactory.command   argv that runs edd.py (a test may run it as a user)
     container_state(name), container_labels(name), image_id(ref, cli=None), wait_for(predicate),
     read_response(sock), client_context(pki, cert)
+    push(edd, deployment, archive, chunked=True, query="", cert="alice", method="POST")
+                              -> Response of a curl upload to the deployment's /load
+    assert_ok(reply) -> its JSON, or fail with status and body
+    push_until_parked(edd, deployment, archive) -> (thread, replies) once NAME.edd-old exists
     rewrite_archive(source, target, tags=None, drop=(), replace=None, gzip=False) -> Path
                               (issue 9) a copy of an archive with other RepoTags, members
                               left out or replaced, gzip'd or not
@@ -888,6 +892,30 @@ def children(pid):
 def docker_load_running(edd):
     """Whether edd has a `docker load` child running."""
     return any(" load" in argv for argv in children(edd.proc.pid))
+
+
+def push(edd, deployment, archive, chunked=True, query="", cert="alice", method="POST",
+         **kwargs):
+    """Upload `archive` to the deployment's /load with the real curl; the Response."""
+    return curl(edd, method, "/v1/deployments/%s/load%s" % (deployment.name, query),
+                upload=archive, chunked=chunked, cert=cert, **kwargs)
+
+
+def assert_ok(reply):
+    """The JSON of a 200 answer; otherwise fail with the status and the body."""
+    assert reply.status == 200, "%s\n%s" % (reply.status, reply.body or reply.stderr)
+    return reply.json
+
+
+def push_until_parked(edd, deployment, archive):
+    """Push in a thread; return (thread, replies) once the old container is parked."""
+    replies = []
+    pusher = threading.Thread(target=lambda: replies.append(push(edd, deployment, archive)),
+                              daemon=True)
+    pusher.start()
+    wait_for(lambda: container_state(deployment.name + ".edd-old"), timeout=30,
+             message="the old container to be parked")
+    return pusher, replies
 
 
 def read_all(body, size=7):

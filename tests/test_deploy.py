@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import (docker_load_running, FAILING_CHECK, HEALTHY_CHECK, container_labels, container_state,
+from conftest import (assert_ok, push, docker_load_running, FAILING_CHECK, HEALTHY_CHECK, container_labels, container_state,
                       curl, docker_cli, fetch, image_id, read_response, run_tag,
                       tls_connect, unreachable, wait_for)
 
@@ -35,11 +35,6 @@ def v2(make_image):
     return make_image(V2, content=V2_TEXT)
 
 
-def push(edd, deployment, archive, chunked=True, query="", cert="alice", method="POST"):
-    return curl(edd, method, "/v1/deployments/%s/load%s" % (deployment.name, query),
-                upload=archive, chunked=chunked, cert=cert)
-
-
 def action(edd, deployment, verb):
     return curl(edd, "POST", "/v1/deployments/%s/%s" % (deployment.name, verb))
 
@@ -47,11 +42,6 @@ def action(edd, deployment, verb):
 def info(edd, deployment):
     reply = curl(edd, "GET", "/v1/deployments/%s" % deployment.name)
     assert reply.status == 200, reply
-    return reply.json
-
-
-def assert_ok(reply):
-    assert reply.status == 200, "%s\n%s" % (reply.status, reply.body or reply.stderr)
     return reply.json
 
 

@@ -11,23 +11,13 @@ import threading
 
 import pytest
 
-from conftest import (archive_layer_members, commit_image, container_state, curl,
+from conftest import (assert_ok, push, archive_layer_members, commit_image, container_state, curl,
                       docker_cli, fetch, image_id, image_layers, oci_archive,
                       rewrite_archive, run_tag, save_archive, unreachable)
 
 pytestmark = pytest.mark.docker
 
 PLAIN_AND_GZIP = pytest.mark.parametrize("gzip", [False, True], ids=["tar", "tar.gz"])
-
-
-def push(edd, deployment, archive, query="", cert="alice"):
-    return curl(edd, "POST", "/v1/deployments/%s/load%s" % (deployment.name, query),
-                upload=archive, cert=cert)
-
-
-def assert_ok(reply):
-    assert reply.status == 200, "%s\n%s" % (reply.status, reply.body or reply.stderr)
-    return reply.json
 
 
 def edd_tag(deployment, which="current"):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (docker_load_running, EDD, client_context, container_state, curl, docker_cli, fetch,
+from conftest import (assert_ok, push, push_until_parked, docker_load_running, EDD, client_context, container_state, curl, docker_cli, fetch,
                       free_port, https_request, image_id, read_response, tls_connect,
                       wait_for)
 
@@ -85,15 +85,6 @@ def assert_json_error(reply, status):
     assert reply.status == status, reply
     assert reply.headers.get("content-type", "").startswith("application/json"), reply.headers
     assert isinstance(reply.json, dict) and reply.json.get("error"), reply.body
-
-
-def assert_ok(reply):
-    assert reply.status == 200, "%s\n%s" % (reply.status, reply.body or reply.stderr)
-    return reply.json
-
-
-def push(edd, deployment, archive):
-    return curl(edd, "POST", "/v1/deployments/%s/load" % deployment.name, upload=archive)
 
 
 def deployment_names(edd, cert="alice"):
@@ -513,12 +504,7 @@ def test_sigterm_lets_a_swap_under_way_finish(edd_factory, make_image):
     assert_ok(push(edd, deployment, v1))
     assert fetch(deployment.port) == V1_TEXT
 
-    replies = []
-    pusher = threading.Thread(target=lambda: replies.append(push(edd, deployment, v2)),
-                              daemon=True)
-    pusher.start()
-    wait_for(lambda: container_state(deployment.name + ".edd-old"), timeout=30,
-             message="the old container to be parked")
+    pusher, replies = push_until_parked(edd, deployment, v2)
     edd.proc.send_signal(signal.SIGTERM)
     # The port closes at once, while the swap goes on behind the 3 s gate.
     wait_for(lambda: not accepts(edd.port), timeout=2, interval=0.05,

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import edd
-from conftest import (Prober, children, container_state, curl, docker_cli, fetch, image_id,
+from conftest import (assert_ok, push, Prober, children, container_state, curl, docker_cli, fetch, image_id,
                       run_tag, wait_for)
 
 SH = ["/bin/busybox", "sh", "-c"]
@@ -32,15 +32,6 @@ HTTPD = "trap 'exit 0' TERM; /bin/busybox httpd -f -p 8000 -h /www & wait"
 def release_image(make_image, version, content=None, cmd=None):
     return make_image(run_tag("edd-test-release", version), content=content or version + "\n",
                       cmd=cmd)
-
-
-def push(edd_, deployment, archive):
-    return curl(edd_, "POST", "/v1/deployments/%s/load" % deployment.name, upload=archive)
-
-
-def assert_ok(reply):
-    assert reply.status == 200, "%s\n%s" % (reply.status, reply.body or reply.stderr)
-    return reply.json
 
 
 def release_containers(name):

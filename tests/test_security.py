@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (docker_load_running, read_all, client_context, curl, docker_cli, fetch, https_request, read_response,
+from conftest import (push, docker_load_running, read_all, client_context, curl, docker_cli, fetch, https_request, read_response,
                       run_tag, tls_connect, unreachable, wait_for)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,10 +41,6 @@ BIG, BIG_TEXT = run_tag("edd-security-big"), "big " * (3 << 18)     # a ~5 MiB a
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-def push(edd, deployment, archive, cert="alice", chunked=True, **kwargs):
-    return curl(edd, "POST", "/v1/deployments/%s/load" % deployment.name, upload=archive,
-                cert=cert, chunked=chunked, **kwargs)
 
 
 def start_deployed(edd_factory, make_image, settings=None, others=(), cert="alice",

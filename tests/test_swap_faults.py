@@ -23,7 +23,7 @@ import time
 import pytest
 
 import edd as edd_module
-from conftest import (EDD, FAILING_CHECK, HTTPD_CMD, container_state, curl, docker_cli, fetch,
+from conftest import (assert_ok, push, push_until_parked, EDD, FAILING_CHECK, HTTPD_CMD, container_state, curl, docker_cli, fetch,
                       https_request, image_id, run_tag, unreachable, wait_for)
 
 pytestmark = pytest.mark.docker
@@ -49,15 +49,6 @@ def images(make_image):
                                healthcheck=FAILING_CHECK)
         id = staticmethod(make_image.image_id)
     return Images
-
-
-def push(edd, deployment, archive):
-    return curl(edd, "POST", "/v1/deployments/%s/load" % deployment.name, upload=archive)
-
-
-def assert_ok(reply):
-    assert reply.status == 200, "%s\n%s" % (reply.status, reply.body or reply.stderr)
-    return reply.json
 
 
 def container_id(name):
@@ -116,17 +107,6 @@ def kill_mid_gate(edd_factory, deployment, archive, wait_for_name, state="runnin
     time.sleep(0.5)
     crashing.kill()
     return crashing
-
-
-def push_until_parked(edd, deployment, archive):
-    """Push in a thread; return (thread, replies) once the old container is parked."""
-    replies = []
-    pusher = threading.Thread(target=lambda: replies.append(push(edd, deployment, archive)),
-                              daemon=True)
-    pusher.start()
-    wait_for(lambda: container_state(deployment.name + ".edd-old"), timeout=30,
-             message="the old container to be parked")
-    return pusher, replies
 
 
 def metric_value(edd, name, **labels):
